@@ -1,0 +1,58 @@
+"""The datasets the benchmark knows: modalities, classes, networks and how their raw files load.
+
+Dataset keys are spelled the same everywhere: `av_digits`, `av_mnist` (and, as they land,
+`ravdess`, `vggsound50k`, `crisismmd_v2`, `nyu_depth_v2`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.data.av_mnist import load_av_mnist
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    key: str
+    display_name: str
+    modalities: dict[str, str]            # batch key -> modality name, e.g. {"m1": "image", "m2": "audio"}
+    num_classes: int
+    networks: dict[str, str]              # "mm" (multimodal teacher), "m1", "m2" -> architecture name
+    load: Callable[[Path, Any], dict[str, np.ndarray]]   # (raw folder, Params) -> m1, m2, labels
+    raw_layout: str                       # what a user must place in the raw folder
+
+    def modality_name(self, key: str) -> str:
+        return "multimodal" if key == "mm" else self.modalities[key]
+
+    @staticmethod
+    def other(target: str) -> str:
+        """The other modality's batch key: m1 <-> m2."""
+        return {"m1": "m2", "m2": "m1"}[target]
+
+
+AV_MNIST_LAYOUT = ("image/{train,test}_data.npy (N×784), audio/{train,test}_data.npy (N×S×S), "
+                   "{train,test}_labels.npy (N,) — MultiBench's avmnist archive")
+
+DATASETS: dict[str, DatasetSpec] = {
+    "av_digits": DatasetSpec(
+        key="av_digits", display_name="AV-Digits", modalities={"m1": "image", "m2": "audio"}, num_classes=10,
+        networks={"mm": "cnn_i", "m1": "lenet5", "m2": "three_layer_cnn_a"},
+        load=lambda root, params: load_av_mnist(root, params.av_digits.spectrogram_size),
+        raw_layout=AV_MNIST_LAYOUT + ", built by the build_av_digits stage"),
+    "av_mnist": DatasetSpec(
+        key="av_mnist", display_name="AV-MNIST", modalities={"m1": "image", "m2": "audio"}, num_classes=10,
+        networks={"mm": "cnn_i", "m1": "lenet5", "m2": "three_layer_cnn_a"},
+        load=lambda root, params: load_av_mnist(root, 112),
+        raw_layout=AV_MNIST_LAYOUT + " with S = 112"),
+}
+
+
+def dataset_spec(key: str) -> DatasetSpec:
+    if key not in DATASETS:
+        raise KeyError(f"unknown dataset {key!r}; known datasets: {', '.join(DATASETS)}")
+    return DATASETS[key]

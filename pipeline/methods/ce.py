@@ -1,0 +1,21 @@
+"""w/o KD: the network trained on its own with cross-entropy (the authors' main-S.py / main-T.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.data.tensors import Batch
+from pipeline.methods.base import DistillationMethod, register
+
+
+@register
+class CrossEntropyOnly(DistillationMethod):
+    """L = CE(student(x), y). Also how the multimodal and unimodal teachers are trained."""
+
+    name = "ce"
+
+    def loss_terms(self, batch: Batch, epoch: int) -> Mapping[str, torch.Tensor]:
+        return {"ce": F.cross_entropy(self.student(batch), batch["y"])}

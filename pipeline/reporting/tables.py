@@ -1,0 +1,171 @@
+"""Table 1 (and the teachers table) from the stages' results files, as Markdown, CSV and DVC metrics.
+
+Cells are test accuracy of the selected checkpoint in percent, mean ± sample standard deviation over
+seeds; in each column the best row is bold and the second best underlined, as in the paper.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.data.catalog import dataset_spec
+
+
+@dataclass(frozen=True)
+class Row:
+    label: str       # as printed in the table
+    key: str         # metrics key
+    method: str
+    teacher: str     # "none", "mm", "cm", "mm+cm"
+
+
+# The paper's Table 1 rows, in its order; later methods add rows here.
+TABLE1_ROWS = (
+    Row("w/o KD", "wo_kd", "ce", "none"),
+    Row("KD (MM)", "kd_mm", "kd", "mm"),
+    Row("KD (CM)", "kd_cm", "kd", "cm"),
+)
+TARGETS = ("m1", "m2")
+
+
+class ResultsError(ValueError):
+    """A results file is missing or malformed."""
+
+
+def read_runs(results_dir: Path, datasets: list[str]) -> list[dict]:
+    """Every run record of the enabled datasets (results/<dataset>/*.json)."""
+    runs = []
+    for key in datasets:
+        folder = results_dir / key
+        files = sorted(folder.glob("*.json"))
+        if not files:
+            raise ResultsError(f"{folder}: no results files; run the pipeline (dvc repro) first")
+        for path in files:
+            try:
+                payload = json.loads(path.read_text())
+                runs.extend(payload["runs"])
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise ResultsError(f"{path}: expected JSON with a 'runs' list: {err}") from err
+    return runs
+
+
+def summarise(values: list[float]) -> dict[str, float]:
+    """Mean and sample standard deviation (ddof = 1; 0 for a single seed) in percent."""
+    array = 100.0 * np.asarray(values, dtype=np.float64)
+    std = float(array.std(ddof=1)) if len(array) > 1 else 0.0
+    return {"mean": round(float(array.mean()), 4), "std": round(std, 4), "n": len(array)}
+
+
+def _cell_runs(runs: list[dict], dataset: str, row: Row, target: str) -> list[dict]:
+    return [r for r in runs if r["dataset"] == dataset and r["method"] == row.method
+            and r["teacher"] == row.teacher and r["target"] == target]
+
+
+def table1(runs: list[dict], datasets: list[str]) -> dict:
+    """{dataset: {target modality: {row key: {mean, std, n}}}} for the rows that have runs."""
+    out: dict = {}
+    for dataset in datasets:
+        spec = dataset_spec(dataset)
+        for target in TARGETS:
+            column = out.setdefault(dataset, {}).setdefault(spec.modalities[target], {})
+            for row in TABLE1_ROWS:
+                cell = _cell_runs(runs, dataset, row, target)
+                if cell:
+                    column[row.key] = summarise([r["test_accuracy"] for r in sorted(cell, key=lambda r: r["seed"])])
+    return out
+
+
+def _rank_marks(column: dict) -> dict[str, str]:
+    """Row key -> "best" / "second" by mean accuracy (ties share the mark)."""
+    means = sorted({cell["mean"] for cell in column.values()}, reverse=True)
+    marks = {}
+    for key, cell in column.items():
+        if cell["mean"] == means[0]:
+            marks[key] = "best"
+        elif len(means) > 1 and cell["mean"] == means[1]:
+            marks[key] = "second"
+    return marks
+
+
+def table1_markdown(summary: dict, datasets: list[str]) -> str:
+    columns = [(d, dataset_spec(d).modalities[t]) for d in datasets for t in TARGETS]
+    header = ["Method"] + [f"{dataset_spec(d).display_name} {m.capitalize()}" for d, m in columns]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" + "---:|" * len(columns)]
+    marks = {c: _rank_marks(summary[c[0]][c[1]]) for c in columns}
+    for row in TABLE1_ROWS:
+        cells = [row.label]
+        for d, m in columns:
+            cell = summary[d][m].get(row.key)
+            if cell is None:
+                cells.append("–")
+                continue
+            text = f"{cell['mean']:.2f} ± {cell['std']:.2f}"
+            mark = marks[(d, m)].get(row.key)
+            cells.append(f"**{text}**" if mark == "best" else f"<u>{text}</u>" if mark == "second" else text)
+        lines.append("| " + " | ".join(cells) + " |")
+    n_seeds = sorted({cell["n"] for d, m in columns for cell in summary[d][m].values()})
+    lines += ["", f"Test accuracy (%) of the checkpoint with the lowest validation loss, mean ± sample std over "
+                  f"{'/'.join(map(str, n_seeds))} seeds. **Bold**: best; <u>underlined</u>: second best. "
+                  "MM: multimodal teacher; CM: cross-modal (other-modality) teacher."]
+    return "\n".join(lines) + "\n"
+
+
+def table1_csv(summary: dict, datasets: list[str]) -> str:
+    columns = [(d, dataset_spec(d).modalities[t]) for d in datasets for t in TARGETS]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["method", "row_key"] + [f"{d}/{m}/{s}" for d, m in columns for s in ("mean", "std", "n")])
+    for row in TABLE1_ROWS:
+        values = []
+        for d, m in columns:
+            cell = summary[d][m].get(row.key)
+            values += [cell["mean"], cell["std"], cell["n"]] if cell else ["", "", ""]
+        writer.writerow([row.label, row.key] + values)
+    return buffer.getvalue()
+
+
+def teachers_summary(runs: list[dict], datasets: list[str]) -> dict:
+    """Accuracy of each network trained alone: {dataset: {"multimodal"|modality: {mean, std, n, arch}}}."""
+    out: dict = {}
+    for dataset in datasets:
+        spec = dataset_spec(dataset)
+        for role in ("mm", "m1", "m2"):
+            cell = [r for r in runs if r["dataset"] == dataset and r["stage"] == "teachers" and r["target"] == role]
+            if cell:
+                out.setdefault(dataset, {})[spec.modality_name(role)] = {
+                    **summarise([r["test_accuracy"] for r in cell]), "network": spec.networks[role]}
+    return out
+
+
+def teachers_markdown(summary: dict) -> str:
+    lines = ["| Dataset | Network | Input | Test accuracy (%) |", "|---|---|---|---:|"]
+    for dataset, roles in summary.items():
+        for role, cell in roles.items():
+            lines.append(f"| {dataset_spec(dataset).display_name} | {cell['network']} | {role} | "
+                         f"{cell['mean']:.2f} ± {cell['std']:.2f} |")
+    lines += ["", "Each network trained alone with cross-entropy (mean ± sample std over seeds). The unimodal "
+                  "networks are the \"w/o KD\" rows of Table 1 and the cross-modal teachers."]
+    return "\n".join(lines) + "\n"
+
+
+def write_reports(results_dir: Path, out_dir: Path, datasets: list[str]) -> dict:
+    """Write table1.md, table1.csv, teachers.md and metrics.json under `out_dir`; return the metrics."""
+    runs = read_runs(results_dir, datasets)
+    t1 = table1(runs, datasets)
+    teachers = teachers_summary(runs, datasets)
+    metrics = {"table1": t1, "teachers": teachers}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    outputs = {"table1.md": table1_markdown(t1, datasets), "table1.csv": table1_csv(t1, datasets),
+               "teachers.md": teachers_markdown(teachers),
+               "metrics.json": json.dumps(metrics, indent=2, sort_keys=True) + "\n"}
+    for name, text in outputs.items():  # everything is computed before anything is written
+        tmp = out_dir / f".{name}.tmp"
+        tmp.write_text(text)
+        tmp.replace(out_dir / name)
+    return metrics

@@ -1,0 +1,27 @@
+"""DVC stage: build the AV-Digits dataset (AV-MNIST layout) from packaged MNIST digits and eSpeak NG."""
+
+import json
+import shutil
+from pathlib import Path
+
+from pipeline.data.av_digits import AVDigitsRecipe, write_av_digits
+from pipeline.params import load_params
+from stages.common import parser, run_stage
+
+
+def main() -> None:
+    p = parser(__doc__)
+    p.add_argument("--out", required=True, type=Path)
+    args = p.parse_args()
+    params = load_params(args.params)
+    recipe = AVDigitsRecipe(**vars(params.av_digits))
+    tmp = args.out.with_name(args.out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    summary = write_av_digits(recipe, tmp)
+    shutil.rmtree(args.out, ignore_errors=True)
+    tmp.rename(args.out)  # the folder appears only once complete
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    run_stage(main)
