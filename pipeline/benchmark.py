@@ -114,7 +114,10 @@ def run_training(params: Params, loaded: LoadedDataset, tracker: Tracker, *, sta
     """Seed, build (via `make_method`), train and evaluate one network, recording it as one tracked run."""
     spec = loaded.spec
     cfg = params.training[spec.key]
-    engine = EngineConfig(cfg.epochs, cfg.batch_size, cfg.lr, selection=params.engine.selection)
+    # validation batches have the training batch size, as in the authors' loaders: the selection score is
+    # a mean of per-batch means (the last, partial batch weighs as much as a full one; quirk Q9)
+    engine = EngineConfig(cfg.epochs, cfg.batch_size, cfg.lr, selection=params.engine.selection,
+                          eval_batch_size=cfg.batch_size)
     seed_everything(seed, params.deterministic)
     method = make_method()
     target_name = spec.modality_name(target)

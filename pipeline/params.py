@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -208,7 +209,7 @@ def _cross_checks(p: Params, source: str) -> None:
             raise _fail(source, f"seeds[{i}]", f"seed {seed} selects split column group_{seed}, but "
                                                f"splits.permutations is {p.splits.permutations}; expected 0.."
                                                f"{p.splits.permutations - 1}")
-    if p.device != "auto" and p.device.split(":")[0] not in ("cpu", "cuda", "mps"):
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", p.device):
         raise _fail(source, "device", f"expected auto, cpu, cuda or cuda:N, got {p.device!r}")
     if not p.datasets:
         raise _fail(source, "datasets", "expected at least one enabled dataset")

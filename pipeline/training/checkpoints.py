@@ -4,7 +4,6 @@ back with `weights_only=True` (no arbitrary unpickling)."""
 from __future__ import annotations
 
 import os
-import pickle
 from pathlib import Path
 
 import torch
@@ -36,8 +35,9 @@ def load_checkpoint(path: Path, device: torch.device, expect_arch: str | None = 
         raise CheckpointError(f"{path}: checkpoint not found (has the stage that writes it run? try `dvc repro`)")
     try:
         payload = torch.load(path, map_location=device, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as err:
-        raise CheckpointError(f"{path}: not a readable checkpoint (corrupt or truncated?): {err}") from err
+    except Exception as err:  # corrupt bytes surface as many exception types (UnpicklingError, IndexError, ...)
+        raise CheckpointError(f"{path}: not a readable checkpoint (corrupt, truncated, or not weights-only?): "
+                              f"{type(err).__name__}: {err}") from err
     if not isinstance(payload, dict) or not {"arch", "inputs", "num_classes", "input_shapes", "state_dict"} <= set(payload):
         raise CheckpointError(f"{path}: expected a checkpoint dict with arch, inputs, num_classes, input_shapes "
                               "and state_dict")
@@ -45,8 +45,11 @@ def load_checkpoint(path: Path, device: torch.device, expect_arch: str | None = 
         raise CheckpointError(f"{path}: holds a {payload['arch']!r} network, expected {expect_arch!r}")
     if expect_inputs is not None and tuple(payload["inputs"]) != tuple(expect_inputs):
         raise CheckpointError(f"{path}: network reads {payload['inputs']}, expected {list(expect_inputs)}")
-    network = build_network(payload["arch"], payload["inputs"], payload["num_classes"],
-                            [tuple(s) for s in payload["input_shapes"]])
+    try:
+        network = build_network(payload["arch"], payload["inputs"], payload["num_classes"],
+                                [tuple(s) for s in payload["input_shapes"]])
+    except (KeyError, ValueError, TypeError) as err:
+        raise CheckpointError(f"{path}: describes a network that cannot be built: {err}") from err
     try:
         network.load_state_dict(payload["state_dict"])
     except RuntimeError as err:

@@ -1,0 +1,145 @@
+"""End to end: `dvc repro` of a tiny profile in a temporary clone, then the tables and MLflow runs.
+
+The clone holds the repository's tracked files (as in the working tree), a fresh git history and no
+DVC cache, like a newcomer's checkout. The tiny profile shrinks AV-Digits, seeds and epochs only.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO
+
+SEEDS = [0, 1]
+
+
+def _tracked_files() -> list[str]:
+    out = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    return [line for line in out.splitlines() if (REPO / line).is_file()]
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("DVC_ROOT", "MLFLOW_TRACKING_URI", "DVC_EXP_NAME", "CMKD_PIPELINE_KEY", "PYTHONPATH")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # `python`, `dvc` of this venv
+    env.update(DVC_NO_ANALYTICS="1", MLFLOW_DISABLE_TELEMETRY="true", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t",
+               GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
+    return env
+
+
+def _run(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(args, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=900)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def clone(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("clone")
+    for name in _tracked_files():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, root / name)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["seeds"] = SEEDS
+    params["av_digits"]["samples_per_class"] = 8
+    params["training"]["av_digits"].update(epochs=2, batch_size=16)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _run(["git", "init", "-q"], root)
+    _run(["git", "add", "-A"], root)
+    _run(["git", "commit", "-qm", "tiny profile"], root)
+    _run(["dvc", "repro"], root)
+    return root
+
+
+def _mlflow_runs(root: Path) -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("av_digits")
+    return client, client.search_runs([experiment.experiment_id], max_results=500)
+
+
+def test_table1_has_every_row_for_both_targets(clone):
+    rows = list(csv.DictReader((clone / "reports" / "table1.csv").open()))
+    assert [r["method"] for r in rows] == ["w/o KD", "KD (MM)", "KD (CM)"]
+    for row in rows:
+        for target in ("image", "audio"):
+            assert 0.0 <= float(row[f"av_digits/{target}/mean"]) <= 100.0
+            assert int(row[f"av_digits/{target}/n"]) == len(SEEDS)
+    markdown = (clone / "reports" / "table1.md").read_text()
+    assert "| Method | AV-Digits Image | AV-Digits Audio |" in markdown and "**" in markdown
+    metrics = json.loads(_run(["dvc", "metrics", "show", "--json"], clone).stdout)
+    assert "reports/metrics.json" in json.dumps(metrics)
+
+
+def test_every_run_is_in_mlflow_with_params_metrics_tags_and_artifacts(clone):
+    client, runs = _mlflow_runs(clone)
+    children = [r for r in runs if r.data.tags.get("run.role") == "training"]
+    assert len(children) == len(SEEDS) * (3 + 4)  # 3 networks alone + KD with MM/CM for 2 targets
+    names = {r.info.run_name for r in children}
+    assert {"teachers/ce/none/multimodal/seed0", "distill/kd/cm/audio/seed1"} <= names
+    for run in children:
+        assert run.info.status == "FINISHED"
+        assert {"seed", "method", "teacher", "target", "train.lr", "train.epochs"} <= set(run.data.params)
+        assert {"git.commit", "dvc.stage", "torch.version", "device", "mlflow.parentRunId"} <= set(run.data.tags)
+        assert run.data.tags["dvc.stage"] in ("teachers@av_digits", "kd@av_digits")
+        assert "test_accuracy" in run.data.metrics
+        history = client.get_metric_history(run.info.run_id, "val_loss")
+        assert [m.step for m in history] == [0, 1]
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"confusion_matrix.png", "history.csv"} <= artifacts
+    kd_runs = [r for r in children if r.data.params["method"] == "kd"]
+    assert all(r.data.params["kd.temperature"] == "4.0" for r in kd_runs)
+
+
+def test_second_repro_runs_nothing(clone):
+    out = _run(["dvc", "repro"], clone).stdout
+    assert "Running stage" not in out, out
+
+
+def test_bad_data_stops_the_stage_with_the_file_named(clone):
+    audio = clone / "data" / "av_digits" / "audio" / "train_data.npy"
+    backup = audio.read_bytes()
+    _, before = _mlflow_runs(clone)
+    try:
+        audio.write_bytes(backup[:-500])
+        result = _run(["dvc", "repro", "--single-item", "prepare@av_digits"], clone, check=False)
+        assert result.returncode != 0
+        assert "audio/train_data.npy" in result.stderr + result.stdout
+        assert "Traceback" not in result.stderr
+    finally:
+        audio.write_bytes(backup)
+    _, after = _mlflow_runs(clone)
+    assert len(after) == len(before)
+
+
+def test_misspelled_param_fails_before_training(clone):
+    params_path = clone / "params.yaml"
+    original = params_path.read_text()
+    try:
+        params_path.write_text(original.replace("temperature:", "temprature:"))
+        result = _run(["dvc", "repro"], clone, check=False)
+        assert result.returncode != 0
+        assert "kd.temprature" in result.stderr and "did you mean 'temperature'" in result.stderr
+    finally:
+        params_path.write_text(original)
+
+
+def test_dvc_exp_run_with_a_seeds_override(clone):
+    _run(["dvc", "exp", "run", "-S", "seeds=[1]", "-n", "one-seed"], clone)
+    rows = list(csv.DictReader((clone / "reports" / "table1.csv").open()))
+    assert all(int(r["av_digits/image/n"]) == 1 for r in rows)
+    shown = _run(["dvc", "exp", "show", "--json"], clone).stdout
+    assert "one-seed" in shown
+    _, runs = _mlflow_runs(clone)
+    assert any(r.data.tags.get("dvc.exp_name") == "one-seed" for r in runs)

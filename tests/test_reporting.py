@@ -1,0 +1,61 @@
+"""Table 1 aggregation and layout from hand-made run records."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import pytest
+
+from pipeline.reporting.tables import ResultsError, read_runs, table1, table1_csv, table1_markdown, write_reports
+
+
+def _run(method, teacher, target, seed, acc, stage="distill"):
+    return {"dataset": "av_digits", "stage": stage, "method": method, "teacher": teacher, "target": target,
+            "seed": seed, "test_accuracy": acc}
+
+
+RUNS = ([_run("ce", "none", t, s, a, "teachers") for t, accs in (("m1", (0.60, 0.62)), ("m2", (0.40, 0.44)))
+         for s, a in enumerate(accs)]
+        + [_run("ce", "none", "mm", s, a, "teachers") for s, a in enumerate((0.70, 0.72))]
+        + [_run("kd", "mm", "m1", s, a) for s, a in enumerate((0.64, 0.66))]
+        + [_run("kd", "cm", "m1", s, a) for s, a in enumerate((0.50, 0.52))]
+        + [_run("kd", "mm", "m2", s, a) for s, a in enumerate((0.42, 0.42))])
+
+
+def test_cells_are_mean_and_sample_std_in_percent():
+    summary = table1(RUNS, ["av_digits"])
+    assert summary["av_digits"]["image"]["wo_kd"] == {"mean": 61.0, "std": pytest.approx(1.4142, abs=1e-4), "n": 2}
+    assert summary["av_digits"]["audio"]["kd_mm"] == {"mean": 42.0, "std": 0.0, "n": 2}
+    assert "kd_cm" not in summary["av_digits"]["audio"]
+
+
+def test_markdown_marks_best_and_second_best_per_column():
+    text = table1_markdown(table1(RUNS, ["av_digits"]), ["av_digits"])
+    lines = text.splitlines()
+    assert lines[0] == "| Method | AV-Digits Image | AV-Digits Audio |"
+    assert lines[2] == "| w/o KD | <u>61.00 ± 1.41</u> | **42.00 ± 2.83** |"
+    assert lines[3] == "| KD (MM) | **65.00 ± 1.41** | **42.00 ± 0.00** |"  # tie for best
+    assert lines[4] == "| KD (CM) | 51.00 ± 1.41 | – |"
+
+
+def test_csv_has_one_row_per_method_and_numeric_cells():
+    rows = list(csv.DictReader(io.StringIO(table1_csv(table1(RUNS, ["av_digits"]), ["av_digits"]))))
+    assert [r["method"] for r in rows] == ["w/o KD", "KD (MM)", "KD (CM)"]
+    assert float(rows[1]["av_digits/image/mean"]) == 65.0 and rows[2]["av_digits/audio/mean"] == ""
+
+
+def test_write_reports_and_errors(tmp_path):
+    results = tmp_path / "results" / "av_digits"
+    results.mkdir(parents=True)
+    (results / "all.json").write_text(json.dumps({"runs": RUNS}))
+    metrics = write_reports(tmp_path / "results", tmp_path / "reports", ["av_digits"])
+    assert metrics["teachers"]["av_digits"]["multimodal"]["mean"] == 71.0
+    assert json.loads((tmp_path / "reports" / "metrics.json").read_text()) == metrics
+    assert (tmp_path / "reports" / "table1.md").read_text().startswith("| Method |")
+    (results / "broken.json").write_text("{not json")
+    with pytest.raises(ResultsError, match="broken.json"):
+        read_runs(tmp_path / "results", ["av_digits"])
+    with pytest.raises(ResultsError, match="no results"):
+        read_runs(tmp_path / "results", ["av_mnist"])
