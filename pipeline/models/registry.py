@@ -21,6 +21,10 @@ _BUILDERS: dict[str, Callable[[int, Sequence[tuple[int, ...]]], nn.Module]] = {
 }
 
 
+# The names the authors' code and the paper use for each architecture.
+DISPLAY_NAMES = {"lenet5": "LeNet5", "three_layer_cnn_a": "ThreeLayerCNN-A", "cnn_i": "CNN-I"}
+
+
 class Network(nn.Module):
     """A named architecture plus the batch keys it reads; `forward(batch)` returns logits."""
 

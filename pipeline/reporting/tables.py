@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.data.catalog import dataset_spec
+from pipeline.models.registry import DISPLAY_NAMES
 
 
 @dataclass(frozen=True)
@@ -147,7 +148,7 @@ def teachers_markdown(summary: dict) -> str:
     lines = ["| Dataset | Network | Input | Test accuracy (%) |", "|---|---|---|---:|"]
     for dataset, roles in summary.items():
         for role, cell in roles.items():
-            lines.append(f"| {dataset_spec(dataset).display_name} | {cell['network']} | {role} | "
+            lines.append(f"| {dataset_spec(dataset).display_name} | {DISPLAY_NAMES[cell['network']]} | {role} | "
                          f"{cell['mean']:.2f} ± {cell['std']:.2f} |")
     lines += ["", "Each network trained alone with cross-entropy (mean ± sample std over seeds). The unimodal "
                   "networks are the \"w/o KD\" rows of Table 1 and the cross-modal teachers."]
