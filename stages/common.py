@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from collections.abc import Callable
 
 from pipeline.data.validation import DataError
@@ -16,6 +17,16 @@ EXPECTED_ERRORS = (ParamsError, DataError, CheckpointError, FileNotFoundError, K
 def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
+    return p
+
+
+def training_parser(description: str) -> argparse.ArgumentParser:
+    """Arguments of the stages that train on one dataset."""
+    p = parser(description)
+    p.add_argument("--dataset", required=True, help="dataset key, e.g. av_digits")
+    p.add_argument("--raw", required=True, type=Path, help="folder holding the dataset's raw files")
+    p.add_argument("--prepared", required=True, type=Path, help="output folder of the dataset's prepare stage")
+    p.add_argument("--results", required=True, type=Path, help="JSON file receiving one record per run")
     return p
 
 

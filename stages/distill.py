@@ -7,17 +7,13 @@ from pipeline.benchmark import distill, load_dataset, open_device, write_json
 from pipeline.methods import method_class
 from pipeline.params import load_params
 from pipeline.tracking import open_tracker
-from stages.common import parser, run_stage
+from stages.common import run_stage, training_parser
 
 
 def main() -> None:
-    p = parser(__doc__)
+    p = training_parser(__doc__)
     p.add_argument("--method", required=True)
-    p.add_argument("--dataset", required=True)
-    p.add_argument("--raw", required=True, type=Path)
-    p.add_argument("--prepared", required=True, type=Path)
     p.add_argument("--teachers", required=True, type=Path)
-    p.add_argument("--results", required=True, type=Path)
     args = p.parse_args()
     params = load_params(args.params)
     method_class(args.method)  # fail on an unknown method before loading anything

@@ -6,16 +6,12 @@ from pathlib import Path
 from pipeline.benchmark import load_dataset, open_device, train_teachers, write_json
 from pipeline.params import load_params
 from pipeline.tracking import open_tracker
-from stages.common import parser, run_stage
+from stages.common import run_stage, training_parser
 
 
 def main() -> None:
-    p = parser(__doc__)
-    p.add_argument("--dataset", required=True)
-    p.add_argument("--raw", required=True, type=Path)
-    p.add_argument("--prepared", required=True, type=Path)
+    p = training_parser(__doc__)
     p.add_argument("--models", required=True, type=Path)
-    p.add_argument("--results", required=True, type=Path)
     args = p.parse_args()
     params = load_params(args.params)
     loaded = load_dataset(params, args.dataset, args.raw, args.prepared, open_device(params))

@@ -15,13 +15,17 @@ from pipeline.methods.frozen import FrozenOutputs
 from pipeline.models.registry import Network
 
 
+def softened_kl(learner_logits: torch.Tensor, target_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T² · (1/B) Σ_b KL(softmax(z_target,b / T) ‖ softmax(z_learner,b / T)), gradients to both sides.
+    `batchmean` sums over classes and averages over the batch; T² keeps gradient magnitudes as T grows."""
+    log_p_learner = F.log_softmax(learner_logits / temperature, dim=1)
+    p_target = F.softmax(target_logits / temperature, dim=1)
+    return F.kl_div(log_p_learner, p_target, reduction="batchmean") * temperature**2
+
+
 def hinton_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """T² · (1/B) Σ_b KL(softmax(z_t,b / T) ‖ softmax(z_s,b / T)) — Hinton et al. 2015, Eq. 2 scaled by T²
-    so gradients keep their magnitude as T grows; `batchmean` sums over classes and averages over the batch.
-    The teacher side is detached."""
-    log_p_student = F.log_softmax(student_logits / temperature, dim=1)
-    p_teacher = F.softmax(teacher_logits.detach() / temperature, dim=1)
-    return F.kl_div(log_p_student, p_teacher, reduction="batchmean") * temperature**2
+    """T² · KL(p_t^T ‖ p_s^T) with the teacher detached — Hinton et al. 2015, Eq. 2 scaled by T²."""
+    return softened_kl(student_logits, teacher_logits.detach(), temperature)
 
 
 @dataclass(frozen=True)
