@@ -110,7 +110,7 @@ def build_role_network(loaded: LoadedDataset, role: str) -> Network:
 
 def run_training(params: Params, loaded: LoadedDataset, tracker: Tracker, *, stage: str, method_name: str,
                  teacher: str, target: str, seed: int, make_method: Callable[[], DistillationMethod],
-                 run_params: dict) -> tuple[RunRecord, TrainResult]:
+                 run_params: dict) -> tuple[RunRecord, TrainResult, DistillationMethod]:
     """Seed, build (via `make_method`), train and evaluate one network, recording it as one tracked run."""
     spec = loaded.spec
     cfg = params.training[spec.key]
@@ -147,7 +147,7 @@ def run_training(params: Params, loaded: LoadedDataset, tracker: Tracker, *, sta
                        seed=seed, test_accuracy=result.test.accuracy, test_accuracy_last=result.test_last.accuracy,
                        best_epoch=result.best_epoch, best_val_loss=result.best_val.loss,
                        best_val_accuracy=result.best_val.accuracy, epochs=cfg.epochs)
-    return record, result
+    return record, result, method
 
 
 def train_teachers(params: Params, loaded: LoadedDataset, models_dir: Path, tracker: Tracker) -> list[RunRecord]:
@@ -157,12 +157,12 @@ def train_teachers(params: Params, loaded: LoadedDataset, models_dir: Path, trac
     ce = method_class("ce")
     for seed in params.seeds:
         for role in ("mm", "m1", "m2"):
-            record, result = run_training(params, loaded, tracker, stage="teachers", method_name="ce",
-                                          teacher="none", target=role, seed=seed,
-                                          make_method=lambda: ce(build_role_network(loaded, role)), run_params={})
-            net = build_role_network(loaded, role)
-            save_checkpoint(models_dir / f"seed{seed}" / f"{role}.pt", net, result.best_state,
-                            loaded.input_shapes(net.inputs), loaded.spec.num_classes)
+            record, result, method = run_training(params, loaded, tracker, stage="teachers", method_name="ce",
+                                                  teacher="none", target=role, seed=seed,
+                                                  make_method=lambda: ce(build_role_network(loaded, role)),
+                                                  run_params={})
+            save_checkpoint(models_dir / f"seed{seed}" / f"{role}.pt", method.student, result.best_state,
+                            loaded.input_shapes(method.student.inputs), loaded.spec.num_classes)
             records.append(record)
     return records
 
@@ -187,7 +187,7 @@ def distill(params: Params, method_name: str, loaded: LoadedDataset, teachers_di
                 def make_method(teacher=teacher, target=target) -> DistillationMethod:
                     return cls.from_params(build_role_network(loaded, target), teacher, params)
 
-                record, _ = run_training(params, loaded, tracker, stage="distill", method_name=method_name,
+                record, _, _ = run_training(params, loaded, tracker, stage="distill", method_name=method_name,
                                          teacher=config, target=target, seed=seed, make_method=make_method,
                                          run_params={**cls.run_params(params), "teacher_arch": teacher.arch})
                 records.append(record)
