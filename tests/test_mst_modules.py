@@ -129,3 +129,25 @@ def test_topk_distillation_gathers_each_samples_own_teachers():
     assert gate.grad is None  # top-k passes no gradient to the router (quirk Q4)
     with pytest.raises(ValueError, match="1 <= k <= 3"):
         topk_distillation(student, teachers, gate, 4, T)
+
+
+def test_collaborative_init_trains_all_networks_jointly():
+    from pipeline.methods.mst.collaborative_init import collaborative_init
+    from pipeline.models.registry import build_network
+    from tests.conftest import synthetic_dataset, synthetic_split
+
+    data, split = synthetic_dataset(), synthetic_split()
+    torch.manual_seed(0)
+    nets = {"mm": build_network("cnn_i", ["m1", "m2"], 10, [(1, 28, 28), (1, 16, 16)]),
+            "m1": build_network("lenet5", ["m1"], 10, [(1, 28, 28)]),
+            "m2": build_network("three_layer_cnn_a", ["m2"], 10, [(1, 16, 16)])}
+    before = {role: [p.detach().clone() for p in net.parameters()] for role, net in nets.items()}
+    logged = []
+    metrics = collaborative_init(nets, data, split, epochs=2, batch_size=16, lr=1e-3, temperature=4.0,
+                                 detach_peer=False, num_classes=10, generator=torch.Generator().manual_seed(0),
+                                 on_epoch=lambda e, m: logged.append(e))
+    assert logged == [0, 1]
+    assert {"train_ce_mm", "train_ce_m1", "train_ce_m2", "train_alignment", "val_m2_accuracy"} <= set(metrics)
+    assert metrics["train_alignment"] > 0
+    for role, net in nets.items():
+        assert any(not torch.equal(a, b) for a, b in zip(before[role], net.parameters())), role
