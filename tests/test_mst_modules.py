@@ -3,6 +3,7 @@ against hand-computed values."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -151,3 +152,60 @@ def test_collaborative_init_trains_all_networks_jointly():
     assert metrics["train_alignment"] > 0
     for role, net in nets.items():
         assert any(not torch.equal(a, b) for a, b in zip(before[role], net.parameters())), role
+
+
+def _stage2_setup():
+    from pipeline.methods.mst.specialist_adaptation import build_group
+    from pipeline.models.registry import build_network
+    from tests.conftest import synthetic_dataset, synthetic_split
+
+    data, split = synthetic_dataset(), synthetic_split()
+    torch.manual_seed(0)
+    mm = build_network("cnn_i", ["m1", "m2"], 10, [(1, 28, 28), (1, 16, 16)])
+    aux = build_network("three_layer_cnn_a", ["m2"], 10, [(1, 16, 16)])
+    student = build_network("lenet5", ["m1"], 10, [(1, 28, 28)])
+    sample = data.batch(torch.arange(2))
+    groups = [build_group("mm", mm, ["concat_identity", "fc1"], sample, hidden_factor=32, heads=3),
+              build_group("cm", aux, ["conv2", "conv3"], sample, hidden_factor=4, heads=3)]
+    return data, split, student, groups
+
+
+def test_stage2_trains_only_the_masks_and_keeps_frozen_weights_and_buffers():
+    from pipeline.methods.mst.specialist_adaptation import specialist_adaptation
+
+    data, split, student, groups = _stage2_setup()
+    frozen = {name: copy.deepcopy(m.state_dict()) for name, m in (("student", student), ("mm", groups[0].network),
+                                                                 ("cm", groups[1].network))}
+    masks_before = [copy.deepcopy(g.masks.state_dict()) for g in groups]
+    metrics = specialist_adaptation(student, groups, data, split, epochs=2, batch_size=16, lr=1e-3, temperature=4.0,
+                                    generator=torch.Generator().manual_seed(0))
+    assert {"val_kl_mm_fc1", "train_kl_cm_conv2", "val_score", "best_epoch"} <= set(metrics)
+    for name, module in (("student", student), ("mm", groups[0].network), ("cm", groups[1].network)):
+        assert all(torch.equal(frozen[name][k], v) for k, v in module.state_dict().items()), name
+        assert all(p.grad is None for p in module.parameters()), name
+    changed = [not all(torch.equal(before[k], v) for k, v in g.masks.state_dict().items())
+               for before, g in zip(masks_before, groups)]
+    assert changed == [True, True]
+    assert all(not m.training for g in groups for m in g.masks)
+
+
+def test_masked_forward_changes_logits_and_hooks_are_removed():
+    from pipeline.methods.mst.specialist_adaptation import masked_logits
+
+    data, _, _, groups = _stage2_setup()
+    batch = data.batch(torch.arange(4))
+    group = groups[0]
+    with torch.no_grad():
+        plain = group.network(batch)
+        one, both = masked_logits(group, batch, [0]), masked_logits(group, batch, [0, 1])
+        again = group.network(batch)
+    assert not torch.allclose(plain, one) and not torch.allclose(one, both)
+    torch.testing.assert_close(plain, again)
+
+
+def test_unknown_hook_name_is_a_clear_error():
+    from pipeline.methods.mst.specialist_adaptation import build_group
+
+    data, _, _, groups = _stage2_setup()
+    with pytest.raises(KeyError, match="'conv9' is not a module of ThreeLayerCNN-A"):
+        build_group("cm", groups[1].network, ["conv9"], data.batch(torch.arange(2)), 4, 3)
