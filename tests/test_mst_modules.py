@@ -209,3 +209,53 @@ def test_unknown_hook_name_is_a_clear_error():
     data, _, _, groups = _stage2_setup()
     with pytest.raises(KeyError, match="'conv9' is not a module of ThreeLayerCNN-A"):
         build_group("cm", groups[1].network, ["conv9"], data.batch(torch.arange(2)), 4, 3)
+
+
+def test_loss_weight_schedules_paper_and_authors():
+    from pipeline.methods.mst.dynamic_distillation import LossWeights
+
+    paper, authors = LossWeights(1.0, 1.0), LossWeights(1.0, 1.0, decay_after_epoch0=True)
+    assert [paper.at(e)[0] for e in (0, 29, 30, 60)] == [1.0, 1.0, 0.5, 0.25]
+    assert [authors.at(e)[0] for e in (0, 1, 30, 31)] == [1.0, 0.5, 0.5, 0.25]
+    assert paper.at(10)[1] == pytest.approx(0.9) and authors.at(1)[1] == pytest.approx(0.9)
+    assert authors.at(11)[1] == pytest.approx(0.81) and paper.at(11)[1] == pytest.approx(0.9)
+
+
+def _stage3(cache: bool, topk: int = 1):
+    from pipeline.methods.mst.dynamic_distillation import DynamicDistillation, LossWeights
+    from pipeline.methods.mst.specialist_adaptation import masked_logits
+
+    data, split, student, groups = _stage2_setup()
+    for group in groups:
+        group.masks.eval()
+    ways = [lambda b, g=g, j=j: masked_logits(g, b, [j]) for g in groups for j in range(2)]
+    torch.manual_seed(5)
+    method = DynamicDistillation(copy.deepcopy(student), ways, 10, topk=topk, temperature=4.0, lb_mode="kl",
+                                 lb_divide_by_n=False, weights=LossWeights(), cache=cache)
+    return data, split, method
+
+
+def test_stage3_with_cached_teachers_equals_recomputing_them():
+    from pipeline.training.engine import EngineConfig, train
+
+    histories = []
+    for cache in (True, False):
+        data, split, method = _stage3(cache)
+        result = train(method, data, split, EngineConfig(epochs=2, batch_size=16, lr=1e-3), 10,
+                       torch.Generator().manual_seed(0))
+        histories.append(result.history)
+    for a, b in zip(*histories):
+        assert a.keys() == b.keys() and {"route_0", "route_3", "lambda_kd", "train_lb"} <= set(a)
+        for key in a:
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
+        assert sum(a[f"route_{i}"] for i in range(4)) == pytest.approx(1.0)
+
+
+def test_stage3_bad_settings_fail_before_training():
+    with pytest.raises(ValueError, match="topk = 5 but there are 4"):
+        _stage3(True, topk=5)
+    from pipeline.methods.mst.dynamic_distillation import DynamicDistillation, LossWeights
+
+    with pytest.raises(ValueError, match="load-balancing mode"):
+        DynamicDistillation(_stage3(True)[2].student, [lambda b: b], 10, topk=1, temperature=4.0, lb_mode="l2",
+                            lb_divide_by_n=False, weights=LossWeights())
