@@ -92,6 +92,38 @@ class KDParams:
 
 
 @dataclass(frozen=True)
+class MSTParams:
+    """MST-Distill (official-mst-spec.md). Defaults follow the paper; the switches marked (Qn) reproduce the
+    authors' code and are all turned on by the top-level `fidelity: official`.
+
+    `teacher_set`: which teachers get MaskNets (paper Fig. 5). `hooks`: per dataset, per network role
+    (mm, m1, m2), the module names MaskNets attach to, in order; the first `mask_layer_num` are used.
+    `hidden_factor`: per dataset, MaskNet token width h = ⌊D/(factor·heads)⌋·heads (paper: 2).
+    `stage1_epochs` / `stage2_epochs`: per dataset (Q1: the authors' HEAD runs 1 and 1).
+    `stage1_detach`: DML-style detached alignment targets in stage 1 (paper Table 7 alternative).
+    `lb_mode`: `kl` (paper Eq. 17) or `cv` (paper Table 8). `stacked_hooks` (Q2): a teacher's second way
+    keeps its first MaskNet attached too. `lb_divide_by_n` (Q6): the KL load balancing divided by N.
+    `decay_after_epoch0` (Q8): λ decays already fire at the end of epoch 0."""
+
+    temperature: float = field(metadata=POSITIVE)
+    teacher_set: Literal["mm", "cm", "mm+cm"]
+    mask_layer_num: int = field(metadata=POSITIVE)
+    heads: int = field(metadata=POSITIVE)
+    hidden_factor: dict[str, float]
+    hooks: dict[str, dict[str, list[str]]]
+    stage1_epochs: dict[str, int]
+    stage2_epochs: dict[str, int]
+    stage2_lr: float = field(metadata=POSITIVE)
+    stage1_detach: bool
+    lambda_kd: float = field(metadata=NON_NEGATIVE)
+    lambda_lb: float = field(metadata=NON_NEGATIVE)
+    lb_mode: Literal["kl", "cv"]
+    stacked_hooks: bool
+    lb_divide_by_n: bool
+    decay_after_epoch0: bool
+
+
+@dataclass(frozen=True)
 class TrackingParams:
     """`mlflow`: log every run to MLflow (false: log nothing, e.g. for quick local checks)."""
 
@@ -109,7 +141,19 @@ class Params:
     training: dict[str, TrainingParams]
     engine: EngineParams
     kd: KDParams
+    topk: int = field(metadata=POSITIVE)
+    fidelity: Literal["paper", "official"]
+    mst: MSTParams
     tracking: TrackingParams
+
+    def mst_effective(self) -> MSTParams:
+        """The MST params in force: with `fidelity: official` every authors'-code switch is on and stages 1
+        and 2 run the authors' current default of one epoch each (Q1)."""
+        if self.fidelity == "paper":
+            return self.mst
+        return dataclasses.replace(self.mst, stacked_hooks=True, lb_divide_by_n=True, decay_after_epoch0=True,
+                                   stage1_epochs={k: 1 for k in self.mst.stage1_epochs},
+                                   stage2_epochs={k: 1 for k in self.mst.stage2_epochs})
 
 
 def load_params(path: Path | str = "params.yaml") -> Params:
@@ -223,6 +267,21 @@ def _cross_checks(p: Params, source: str) -> None:
     for name in p.training:
         if name not in DATASETS:
             raise _fail(source, f"training.{name}", f"unknown dataset; known: {', '.join(DATASETS)}")
+    for name in p.datasets:
+        for block in ("hidden_factor", "hooks", "stage1_epochs", "stage2_epochs"):
+            if name not in getattr(p.mst, block):
+                raise _fail(source, f"mst.{block}.{name}", f"missing: dataset {name!r} is enabled")
+        for role in ("mm", "m1", "m2"):
+            layers = p.mst.hooks[name].get(role)
+            if layers is None:
+                raise _fail(source, f"mst.hooks.{name}.{role}", "missing: expected a list of module names")
+            if len(layers) < p.mst.mask_layer_num:
+                raise _fail(source, f"mst.hooks.{name}.{role}", f"lists {len(layers)} layers but mst.mask_layer_num "
+                                                                f"is {p.mst.mask_layer_num}")
+    n_teachers = (2 if p.mst.teacher_set == "mm+cm" else 1) * p.mst.mask_layer_num
+    if p.topk > n_teachers:
+        raise _fail(source, "topk", f"{p.topk} exceeds the {n_teachers} specialised teachers (teacher_set "
+                                    f"{p.mst.teacher_set!r} × mask_layer_num {p.mst.mask_layer_num})")
     if p.av_digits.snr_db_min > p.av_digits.snr_db_max:
         raise _fail(source, "av_digits.snr_db_min", f"must not exceed snr_db_max ({p.av_digits.snr_db_max})")
     if p.splits.train_fraction + p.splits.val_fraction >= 1:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -53,6 +54,8 @@ def clone(tmp_path_factory) -> Path:
     params["seeds"] = SEEDS
     params["av_digits"]["samples_per_class"] = 8
     params["training"]["av_digits"].update(epochs=2, batch_size=16)
+    params["mst"]["stage1_epochs"]["av_digits"] = 2
+    params["mst"]["stage2_epochs"]["av_digits"] = 1
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _run(["git", "init", "-q"], root)
     _run(["git", "add", "-A"], root)
@@ -71,7 +74,7 @@ def _mlflow_runs(root: Path) -> list:
 
 def test_table1_has_every_row_for_both_targets(clone):
     rows = list(csv.DictReader((clone / "reports" / "table1.csv").open()))
-    assert [r["method"] for r in rows] == ["w/o KD", "KD (MM)", "KD (CM)"]
+    assert [r["method"] for r in rows] == ["w/o KD", "KD (MM)", "KD (CM)", "MST-Distill (MM+CM)"]
     for row in rows:
         for target in ("image", "audio"):
             assert 0.0 <= float(row[f"av_digits/{target}/mean"]) <= 100.0
@@ -85,14 +88,21 @@ def test_table1_has_every_row_for_both_targets(clone):
 def test_every_run_is_in_mlflow_with_params_metrics_tags_and_artifacts(clone):
     client, runs = _mlflow_runs(clone)
     children = [r for r in runs if r.data.tags.get("run.role") == "training"]
-    assert len(children) == len(SEEDS) * (3 + 4)  # 3 networks alone + KD with MM/CM for 2 targets
+    # per seed: 3 networks alone, KD with MM/CM for 2 targets, MST stage 1 once, stages 2 and 3 per target
+    assert len(children) == len(SEEDS) * (3 + 4 + 1 + 2 + 2)
     names = {r.info.run_name for r in children}
     assert {"teachers/ce/none/multimodal/seed0", "distill/kd/cm/audio/seed1"} <= names
+    mst_s3 = [r for r in children if r.data.tags["run.stage"] == "mst_s3"]
+    assert len(mst_s3) == 2 * len(SEEDS)
+    for run in mst_s3:
+        assert {"route_0", "route_3", "lambda_kd", "lambda_lb", "train_lb", "train_kd"} <= set(run.data.metrics)
     for run in children:
         assert run.info.status == "FINISHED"
+        if run.data.tags["run.stage"] in ("mst_s1", "mst_s2"):
+            continue
         assert {"seed", "method", "teacher", "target", "train.lr", "train.epochs"} <= set(run.data.params)
         assert {"git.commit", "dvc.stage", "torch.version", "device", "mlflow.parentRunId"} <= set(run.data.tags)
-        assert run.data.tags["dvc.stage"] in ("teachers@av_digits", "kd@av_digits")
+        assert run.data.tags["dvc.stage"] in ("teachers@av_digits", "kd@av_digits", "mst_s3@av_digits")
         assert "test_accuracy" in run.data.metrics
         history = client.get_metric_history(run.info.run_id, "val_loss")
         assert [m.step for m in history] == [0, 1]
@@ -121,6 +131,7 @@ def test_bad_data_stops_the_stage_with_the_file_named(clone):
         audio.write_bytes(backup)
     _, after = _mlflow_runs(clone)
     assert len(after) == len(before)
+    _run(["dvc", "repro"], clone)  # the failed stage removed its outputs: restore them for the next tests
 
 
 def test_misspelled_param_fails_before_training(clone):
@@ -133,6 +144,18 @@ def test_misspelled_param_fails_before_training(clone):
         assert "kd.temprature" in result.stderr and "did you mean 'temperature'" in result.stderr
     finally:
         params_path.write_text(original)
+    _run(["dvc", "repro"], clone)  # the failed stage removed its outputs: restore them for the next tests
+
+
+def test_topk_override_reruns_only_stage_3(clone):
+    out = _run(["dvc", "exp", "run", "-S", "topk=2", "-n", "top2"], clone).stdout
+    ran = re.findall(r"Running stage '([^']+)'", out)
+    assert ran == ["mst_s3@av_digits", "report"], out
+    shown = _run(["dvc", "exp", "show", "--json"], clone).stdout
+    assert "top2" in shown
+    _, runs = _mlflow_runs(clone)
+    top2 = [r for r in runs if r.data.tags.get("dvc.exp_name") == "top2" and r.data.tags.get("run.role") == "training"]
+    assert len(top2) == 2 * len(SEEDS) and all(r.data.params["topk"] == "2" for r in top2)
 
 
 def test_dvc_exp_run_with_a_seeds_override(clone):

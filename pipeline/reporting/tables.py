@@ -31,6 +31,7 @@ TABLE1_ROWS = (
     Row("w/o KD", "wo_kd", "ce", "none"),
     Row("KD (MM)", "kd_mm", "kd", "mm"),
     Row("KD (CM)", "kd_cm", "kd", "cm"),
+    Row("MST-Distill (MM+CM)", "mst", "mst", "mm+cm"),
 )
 TARGETS = ("m1", "m2")
 

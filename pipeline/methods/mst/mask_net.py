@@ -15,12 +15,9 @@ from torch import nn
 
 
 def hidden_width(dim: int, hidden_factor: float, heads: int) -> int:
-    """Token width h = ⌊D / (factor · heads)⌋ · heads (a multiple of the head count, as the authors)."""
-    width = int(dim // (hidden_factor * heads)) * heads
-    if width < heads:
-        raise ValueError(f"a MaskNet on a {dim}-wide feature with hidden factor {hidden_factor} and {heads} heads "
-                         f"has no token width left (h = {width}); lower the factor or the head count")
-    return width
+    """Token width h = ⌊D / (factor · heads)⌋ · heads (a multiple of the head count, as the authors), at
+    least `heads`: with a large factor on a narrow layer the authors' formula gives 0, which cannot run."""
+    return max(heads, int(dim // (hidden_factor * heads)) * heads)
 
 
 class MaskNet1d(nn.Module):

@@ -1,0 +1,161 @@
+"""MST-Distill's three stages as pipeline steps (stage scripts call these; see pipeline/methods/mst/).
+
+Stage 1 trains the multimodal and both unimodal networks jointly, once per seed (shared by both
+targets). Stage 2, per seed and target, fits one MaskNet per hooked layer of each teacher. Stage 3, per
+seed and target, trains the stage-1 student with the GateNet over the N specialised teachers; this is
+the "MST-Distill (MM+CM)" row of Table 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from pipeline.benchmark import LoadedDataset, RunRecord, build_role_network, network_inputs, run_training
+from pipeline.data.catalog import DatasetSpec
+from pipeline.methods.mst.collaborative_init import collaborative_init
+from pipeline.methods.mst.dynamic_distillation import DynamicDistillation, LossWeights
+from pipeline.methods.mst.specialist_adaptation import TeacherGroup, build_group, masked_logits, specialist_adaptation
+from pipeline.params import Params
+from pipeline.tracking.base import Tracker
+from pipeline.training.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
+from pipeline.training.engine import evaluate
+from pipeline.training.runtime import seed_everything
+
+ROLES = ("mm", "m1", "m2")
+
+
+def _run_params(params: Params) -> dict:
+    return {"fidelity": params.fidelity, "topk": params.topk,
+            **{f"mst.{k}": v for k, v in dataclasses.asdict(params.mst_effective()).items()}}
+
+
+def _identity(spec: DatasetSpec, stage: str, target: str, seed: int, teacher_set: str) -> dict:
+    """The params every run records: which dataset, stage, method, teachers, target and seed."""
+    return {"dataset": spec.key, "stage": stage, "method": "mst", "teacher": teacher_set, "target": target,
+            "seed": seed}
+
+
+def _tags(spec: DatasetSpec, stage: str, target: str, seed: int, device) -> dict[str, str]:
+    return {"run.dataset": spec.key, "run.stage": stage, "run.method": "mst", "run.teacher": "mm+cm",
+            "run.target": target, "run.seed": str(seed), "device": str(device)}
+
+
+def stage1(params: Params, loaded: LoadedDataset, models_dir: Path, tracker: Tracker) -> list[dict]:
+    """Collaborative initialisation per seed; saves models_dir/seed<s>/{mm,m1,m2}.pt."""
+    spec, mst, cfg = loaded.spec, params.mst_effective(), params.training[loaded.spec.key]
+    records = []
+    for seed in params.seeds:
+        seed_everything(seed, params.deterministic)
+        nets = {role: build_role_network(loaded, role).to(loaded.data.device) for role in ROLES}
+        split = loaded.splits[seed]
+        with tracker.run(f"mst_s1/mst/mm+cm/all/seed{seed}", {**_identity(spec, "mst_s1", "all", seed, mst.teacher_set),
+                                                                  **_run_params(params),
+                                                                  **{f"train.{k}": v for k, v in
+                                                                     dataclasses.asdict(cfg).items()}},
+                         _tags(spec, "mst_s1", "all", seed, loaded.data.device)) as run:
+            collaborative_init(nets, loaded.data, split, epochs=mst.stage1_epochs[spec.key], batch_size=cfg.batch_size,
+                               lr=cfg.lr, temperature=mst.temperature, detach_peer=mst.stage1_detach,
+                               num_classes=spec.num_classes, generator=torch.Generator().manual_seed(seed),
+                               on_epoch=lambda e, m: run.log_metrics(m, step=e))
+            accuracy = {role: evaluate(nets[role], loaded.data, split["test"], spec.num_classes,
+                                       cfg.batch_size).accuracy for role in ROLES}
+            run.log_metrics({f"test_accuracy_{role}": acc for role, acc in accuracy.items()})
+        for role, net in nets.items():
+            save_checkpoint(models_dir / f"seed{seed}" / f"{role}.pt", net, net.state_dict(),
+                            loaded.input_shapes(net.inputs), spec.num_classes)
+        records += [{"dataset": spec.key, "stage": "mst_s1", "method": "mst_s1", "teacher": "none", "target": role,
+                     "seed": seed, "test_accuracy": acc} for role, acc in accuracy.items()]
+    return records
+
+
+def _stage1_network(loaded: LoadedDataset, stage1_dir: Path, seed: int, role: str):
+    return load_checkpoint(stage1_dir / f"seed{seed}" / f"{role}.pt", loaded.data.device,
+                           expect_arch=loaded.spec.networks[role], expect_inputs=network_inputs(role))
+
+
+def _teacher_groups(params: Params, loaded: LoadedDataset, stage1_dir: Path, seed: int, target: str) -> list[TeacherGroup]:
+    """Frozen stage-1 teachers for `target` with fresh MaskNets at their hooked layers."""
+    mst, spec = params.mst_effective(), loaded.spec
+    roles = {"mm": "mm", "cm": spec.other(target)}
+    sample = loaded.data.batch(loaded.splits[seed]["train"][:2])
+    groups = []
+    for config in mst.teacher_set.split("+"):
+        role = roles[config]
+        layers = mst.hooks[spec.key][role][:mst.mask_layer_num]
+        groups.append(build_group(config, _stage1_network(loaded, stage1_dir, seed, role), layers, sample,
+                                  mst.hidden_factor[spec.key], mst.heads))
+    return groups
+
+
+def stage2(params: Params, loaded: LoadedDataset, stage1_dir: Path, masks_dir: Path, tracker: Tracker) -> list[dict]:
+    """Specialised teacher adaptation per seed and target; saves masks_dir/seed<s>/<target>.pt."""
+    spec, mst, cfg = loaded.spec, params.mst_effective(), params.training[loaded.spec.key]
+    records = []
+    for seed in params.seeds:
+        for target in ("m1", "m2"):
+            seed_everything(seed, params.deterministic)
+            student = _stage1_network(loaded, stage1_dir, seed, target)
+            groups = _teacher_groups(params, loaded, stage1_dir, seed, target)
+            name = f"mst_s2/mst/mm+cm/{spec.modality_name(target)}/seed{seed}"
+            with tracker.run(name, {**_identity(spec, "mst_s2", spec.modality_name(target), seed, mst.teacher_set),
+                                    **_run_params(params)},
+                             _tags(spec, "mst_s2", spec.modality_name(target), seed, loaded.data.device)) as run:
+                metrics = specialist_adaptation(student, groups, loaded.data, loaded.splits[seed],
+                                                epochs=mst.stage2_epochs[spec.key], batch_size=cfg.batch_size,
+                                                lr=mst.stage2_lr, temperature=mst.temperature,
+                                                generator=torch.Generator().manual_seed(seed),
+                                                on_epoch=lambda e, m: run.log_metrics(m, step=e))
+            path = masks_dir / f"seed{seed}" / f"{target}.pt"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({g.name: {"layers": g.layers, "state_dict": g.masks.state_dict()} for g in groups}, path)
+            records.append({"dataset": spec.key, "stage": "mst_s2", "method": "mst_s2", "teacher": mst.teacher_set,
+                            "target": target, "seed": seed, "best_val_score": metrics["val_score"]})
+    return records
+
+
+def _load_masks(groups: list[TeacherGroup], path: Path) -> None:
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        for group in groups:
+            if saved[group.name]["layers"] != group.layers:
+                raise CheckpointError(f"{path}: MaskNets for layers {saved[group.name]['layers']}, expected "
+                                      f"{group.layers} (re-run stage 2)")
+            group.masks.load_state_dict(saved[group.name]["state_dict"])
+    except CheckpointError:
+        raise
+    except Exception as err:
+        raise CheckpointError(f"{path}: not a readable stage-2 MaskNet file for teachers "
+                              f"{[g.name for g in groups]}: {type(err).__name__}: {err}") from err
+    for group in groups:
+        group.masks.eval()
+
+
+def stage3(params: Params, loaded: LoadedDataset, stage1_dir: Path, masks_dir: Path, tracker: Tracker) -> list[RunRecord]:
+    """Dynamic distillation per seed and target: the MST-Distill rows of Table 1."""
+    mst = params.mst_effective()
+    records = []
+    for seed in params.seeds:
+        for target in ("m1", "m2"):
+            groups = _teacher_groups(params, loaded, stage1_dir, seed, target)
+            _load_masks(groups, masks_dir / f"seed{seed}" / f"{target}.pt")
+            # (Q2) with stacked hooks, way j of a teacher keeps MaskNets 0..j attached; the paper: only MaskNet j
+            ways = [lambda batch, g=g, j=j: masked_logits(g, batch, list(range(j + 1)) if mst.stacked_hooks else [j])
+                    for g in groups for j in range(len(g.layers))]
+
+            def make_method(target=target, ways=ways, seed=seed) -> DynamicDistillation:
+                # the student continues from its stage-1 weights (quirk Q20 is also the paper's design)
+                return DynamicDistillation(
+                    _stage1_network(loaded, stage1_dir, seed, target), ways, loaded.spec.num_classes,
+                    topk=params.topk, temperature=mst.temperature, lb_mode=mst.lb_mode,
+                    lb_divide_by_n=mst.lb_divide_by_n, weights=LossWeights(mst.lambda_kd, mst.lambda_lb,
+                                                                           mst.decay_after_epoch0),
+                    cache=params.engine.cache_frozen_outputs)
+
+            record, _, _ = run_training(params, loaded, tracker, stage="mst_s3", method_name="mst",
+                                        teacher=mst.teacher_set, target=target, seed=seed, make_method=make_method,
+                                        run_params=_run_params(params))
+            records.append(record)
+    return records
