@@ -8,31 +8,40 @@ With `enabled=False` the teacher is re-run on every batch instead, for checking 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+from torch import nn
 
 from pipeline.data.tensors import Batch, DeviceDataset
 from pipeline.models.registry import Network
 
 
 class FrozenOutputs:
-    """Logits of a frozen `network`, cached by sample index (or recomputed per batch if disabled)."""
+    """Outputs of a frozen network (or any fixed function of the batch, e.g. several specialised
+    teachers stacked), cached by sample index, or recomputed per batch if disabled."""
 
-    def __init__(self, network: Network, enabled: bool = True, chunk_size: int = 1024) -> None:
+    def __init__(self, network: Network | Callable[[Batch], torch.Tensor], enabled: bool = True,
+                 chunk_size: int = 1024) -> None:
         self.network = network
         self.enabled = enabled
         self.chunk_size = chunk_size
         self._table: torch.Tensor | None = None
+
+    def _compute(self, batch: Batch) -> torch.Tensor:
+        if isinstance(self.network, nn.Module):
+            self.network.eval()
+        return self.network(batch)
 
     @torch.no_grad()
     def prepare(self, data: DeviceDataset, index: torch.Tensor) -> None:
         """Run the network once (eval mode, no grad) over the samples at `index` and keep the results."""
         if not self.enabled:
             return
-        self.network.eval()
         table = None
         for start in range(0, len(index), self.chunk_size):
             chunk = index[start:start + self.chunk_size]
-            out = self.network(data.batch(chunk))
+            out = self._compute(data.batch(chunk))
             if table is None:  # NaN marks samples that were not cached, so a stray lookup is visible
                 table = torch.full((len(data), *out.shape[1:]), float("nan"), device=out.device, dtype=out.dtype)
             table[chunk] = out
@@ -41,8 +50,7 @@ class FrozenOutputs:
     @torch.no_grad()
     def __call__(self, batch: Batch) -> torch.Tensor:
         if not self.enabled:
-            self.network.eval()
-            return self.network(batch)
+            return self._compute(batch)
         if self._table is None:
             raise RuntimeError("FrozenOutputs.prepare() must run before the cached outputs are read")
         return self._table[batch["index"]]

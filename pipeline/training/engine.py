@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.data.tensors import DeviceDataset
+from pipeline.data.tensors import Batch, DeviceDataset
 from pipeline.methods.base import DistillationMethod
 from pipeline.models.registry import Network
 
@@ -73,6 +73,27 @@ def evaluate(network: Network, data: DeviceDataset, index: torch.Tensor, num_cla
                       confusion=confusion.numpy())
 
 
+def optimise_epoch(loss_terms: Callable[[Batch], Mapping[str, torch.Tensor]], batches: Iterable[Batch],
+                   optimizer: torch.optim.Optimizer, epoch: int) -> dict[str, float]:
+    """One pass of gradient steps on the sum of the named loss terms; returns each term's epoch mean of
+    per-batch means (the authors' convention) as `train_<name>`, plus `train_loss`."""
+    sums: dict[str, torch.Tensor] = {}
+    n_batches = 0
+    for batch in batches:
+        terms = loss_terms(batch)
+        loss = torch.stack(list(terms.values())).sum()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        n_batches += 1
+        for name, value in (*terms.items(), ("loss", loss)):  # summed on-device, read once per epoch
+            sums[f"train_{name}"] = sums.get(f"train_{name}", 0.0) + value.detach()
+    metrics = {name: total.item() / n_batches for name, total in sums.items()}
+    if not math.isfinite(metrics["train_loss"]):
+        raise FloatingPointError(f"epoch {epoch}: the training loss is not finite ({metrics})")
+    return metrics
+
+
 def train(method: DistillationMethod, data: DeviceDataset, split: dict[str, torch.Tensor], config: EngineConfig,
           num_classes: int, generator: torch.Generator, on_epoch: EpochCallback | None = None) -> TrainResult:
     """Train `method.student` (and the method's own trainable modules) and select a checkpoint."""
@@ -85,21 +106,8 @@ def train(method: DistillationMethod, data: DeviceDataset, split: dict[str, torc
     history: list[dict[str, float]] = []
     for epoch in range(config.epochs):
         method.train()
-        sums: dict[str, torch.Tensor] = {}
-        n_batches = 0
-        for batch in data.batches(split["train"], config.batch_size, generator):
-            terms = method.loss_terms(batch, epoch)
-            loss = torch.stack(list(terms.values())).sum()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            n_batches += 1
-            # epoch means of per-batch means (the authors' convention); summed on-device, read once
-            for name, value in (*terms.items(), ("loss", loss)):
-                sums[f"train_{name}"] = sums.get(f"train_{name}", 0.0) + value.detach()
-        metrics = {name: total.item() / n_batches for name, total in sums.items()}
-        if not math.isfinite(metrics["train_loss"]):
-            raise FloatingPointError(f"epoch {epoch}: the training loss is not finite ({metrics})")
+        metrics = optimise_epoch(lambda batch: method.loss_terms(batch, epoch),
+                                 data.batches(split["train"], config.batch_size, generator), optimizer, epoch)
         val = evaluate(student, data, split["val"], num_classes, config.eval_batch_size)
         metrics.update(val.as_dict("val"))
         metrics.update(method.epoch_values(epoch))

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from pipeline.data.tensors import DeviceDataset
 from pipeline.methods.mst.losses import bidirectional_alignment
 from pipeline.models.registry import Network
-from pipeline.training.engine import evaluate
+from pipeline.training.engine import evaluate, optimise_epoch
 
 
 def collaborative_init(networks: dict[str, Network], data: DeviceDataset, split: dict[str, torch.Tensor], *,
@@ -28,24 +28,17 @@ def collaborative_init(networks: dict[str, Network], data: DeviceDataset, split:
     roles = list(networks)
     parameters = [p for role in roles for p in networks[role].parameters()]
     optimizer = torch.optim.Adam(parameters, lr=lr, fused=True)
+    def loss_terms(batch):
+        logits = [networks[role](batch) for role in roles]
+        terms = {f"ce_{role}": F.cross_entropy(z, batch["y"]) for role, z in zip(roles, logits)}
+        terms["alignment"] = bidirectional_alignment(logits, temperature, detach_peer=detach_peer)
+        return terms
+
     metrics: dict[str, float] = {}
     for epoch in range(epochs):
         for net in networks.values():
             net.train()
-        sums: dict[str, torch.Tensor] = {}
-        n_batches = 0
-        for batch in data.batches(split["train"], batch_size, generator):
-            logits = [networks[role](batch) for role in roles]
-            terms = {f"ce_{role}": F.cross_entropy(z, batch["y"]) for role, z in zip(roles, logits)}
-            terms["alignment"] = bidirectional_alignment(logits, temperature, detach_peer=detach_peer)
-            loss = torch.stack(list(terms.values())).sum()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            n_batches += 1
-            for name, value in (*terms.items(), ("loss", loss)):
-                sums[f"train_{name}"] = sums.get(f"train_{name}", 0.0) + value.detach()
-        metrics = {name: total.item() / n_batches for name, total in sums.items()}
+        metrics = optimise_epoch(loss_terms, data.batches(split["train"], batch_size, generator), optimizer, epoch)
         for role in roles:
             metrics.update(evaluate(networks[role], data, split["val"], num_classes, batch_size).as_dict(f"val_{role}"))
         if on_epoch is not None:

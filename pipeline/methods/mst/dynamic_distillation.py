@@ -8,7 +8,7 @@ average use of the teachers even:
 
 λ_kd halves every 30 epochs and λ_lb drops 10 % every 10 epochs. Because the teachers are frozen,
 deterministic and see no augmentation, their logits per training sample are computed once
-(`WayOutputs`) and read back by sample index, exactly as if they were recomputed every batch.
+(`FrozenOutputs`) and read back by sample index, exactly as if they were recomputed every batch.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from pipeline.data.tensors import Batch, DeviceDataset
 from pipeline.methods.base import DistillationMethod
+from pipeline.methods.frozen import FrozenOutputs
 from pipeline.methods.mst.gate_net import GateNet
 from pipeline.methods.mst.losses import load_balancing_loss, topk_distillation
 from pipeline.models.registry import Network
@@ -46,40 +47,6 @@ class LossWeights:
         return self.kd * 0.5 ** self._steps(epoch, 30), self.lb * 0.9 ** self._steps(epoch, 10)
 
 
-class WayOutputs:
-    """Logits of the N frozen specialised teachers, (B, N, C), cached per sample or recomputed."""
-
-    def __init__(self, ways: Sequence[Way], enabled: bool = True, chunk_size: int = 512) -> None:
-        self.ways = list(ways)
-        self.enabled = enabled
-        self.chunk_size = chunk_size
-        self._table: torch.Tensor | None = None
-
-    def _compute(self, batch: Batch) -> torch.Tensor:
-        return torch.stack([way(batch) for way in self.ways], dim=1)
-
-    @torch.no_grad()
-    def prepare(self, data: DeviceDataset, index: torch.Tensor) -> None:
-        if not self.enabled:
-            return
-        table = None
-        for start in range(0, len(index), self.chunk_size):
-            chunk = index[start:start + self.chunk_size]
-            out = self._compute(data.batch(chunk))
-            if table is None:
-                table = torch.full((len(data), *out.shape[1:]), float("nan"), device=out.device, dtype=out.dtype)
-            table[chunk] = out
-        self._table = table
-
-    @torch.no_grad()
-    def __call__(self, batch: Batch) -> torch.Tensor:
-        if not self.enabled:
-            return self._compute(batch)
-        if self._table is None:
-            raise RuntimeError("WayOutputs.prepare() must run before the cached outputs are read")
-        return self._table[batch["index"]]
-
-
 class DynamicDistillation(DistillationMethod):
     """The stage-3 objective for one student, given its N frozen specialised teachers."""
 
@@ -93,7 +60,9 @@ class DynamicDistillation(DistillationMethod):
             raise ValueError(f"topk = {topk} but there are {len(ways)} specialised teachers; expected 1..{len(ways)}")
         load_balancing_loss(torch.full((1, len(ways)), 1.0 / len(ways)), lb_mode)  # fail early on a bad mode
         self.gate = GateNet(num_classes, len(ways))
-        self.ways = WayOutputs(ways, enabled=cache)
+        ways = list(ways)
+        # the N specialised teachers' logits as one (B, N, C) tensor, computed once per training sample
+        self.ways = FrozenOutputs(lambda batch: torch.stack([way(batch) for way in ways], dim=1), enabled=cache)
         self.topk, self.temperature = topk, temperature
         self.lb_mode, self.lb_divide_by_n, self.weights = lb_mode, lb_divide_by_n, weights
         self._routes = torch.zeros(len(ways))
