@@ -1,5 +1,4 @@
-"""MST-Distill's building blocks (official-mst-spec.md §4): MaskNets, the GateNet and the stage-3 losses.
-
-The three-stage method itself (collaborative initialisation, specialised teacher adaptation, dynamic
-distillation) is built on these in a later change.
+"""MST-Distill (official-mst-spec.md): MaskNets and GateNet (mask_net.py, gate_net.py), the loss terms
+(losses.py) and the three stages: collaborative_init.py, specialist_adaptation.py and
+dynamic_distillation.py. pipeline/mst_pipeline.py runs them as pipeline stages.
 """
