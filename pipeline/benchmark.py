@@ -22,7 +22,7 @@ import torch
 from pipeline.data.catalog import DatasetSpec, dataset_spec
 from pipeline.data.splits import make_permutations, read_split_column, split_positions, write_split_file
 from pipeline.data.tensors import DeviceDataset
-from pipeline.methods.base import DistillationMethod, method_class
+from pipeline.methods.base import DistillationMethod, MethodSetup, check_teacher_config, method_class
 from pipeline.models.registry import Network, build_network
 from pipeline.params import Params
 from pipeline.reporting.figures import confusion_matrix_png
@@ -131,7 +131,8 @@ def run_training(params: Params, loaded: LoadedDataset, tracker: Tracker, *, sta
                   "deterministic": params.deterministic, **run_params}
     with tracker.run(name, all_params, tags) as run:
         result = train(method, loaded.data, loaded.splits[seed], engine, spec.num_classes,
-                       torch.Generator().manual_seed(seed), on_epoch=lambda e, m: run.log_metrics(m, step=e))
+                       torch.Generator().manual_seed(seed), on_epoch=lambda e, m: run.log_metrics(m, step=e),
+                       on_prepare=lambda e, m: run.log_metrics(m, step=e))
         run.log_metrics({"test_accuracy": result.test.accuracy, "test_loss": result.test.loss,
                          "test_accuracy_last": result.test_last.accuracy, "best_epoch": result.best_epoch})
         with tempfile.TemporaryDirectory() as tmp:
@@ -174,22 +175,34 @@ def load_teacher(loaded: LoadedDataset, teachers_dir: Path, seed: int, role: str
 
 def distill(params: Params, method_name: str, loaded: LoadedDataset, teachers_dir: Path,
             tracker: Tracker) -> list[RunRecord]:
-    """Train a student of each target modality with a single-teacher method, once with the
-    multimodal teacher (MM) and once with the other modality's teacher (CM), for every seed."""
+    """Train a student of each target modality with `method_name`, once per teacher configuration listed
+    in the method's params (`mm`: the multimodal teacher, `cm`: the other modality's teacher, `mm+cm`:
+    methods that build their own peers), for every seed. Teachers come from the teachers stage."""
     cls = method_class(method_name)
+    method_params = params.method(method_name)
+    configs = getattr(method_params, "teachers", cls.teacher_configs)
+    for config in configs:
+        check_teacher_config(cls, config)
+    spec = loaded.spec
     records = []
     for seed in params.seeds:
+        sample = loaded.data.batch(loaded.splits[seed]["train"][:4])
         for target in ("m1", "m2"):
-            for config in cls.teacher_configs:
-                role = "mm" if config == "mm" else loaded.spec.other(target)
-                teacher = load_teacher(loaded, teachers_dir, seed, role)
+            for config in configs:
+                role = {"mm": "mm", "cm": spec.other(target)}.get(config)
+                teacher = load_teacher(loaded, teachers_dir, seed, role) if role else None
 
-                def make_method(teacher=teacher, target=target) -> DistillationMethod:
-                    return cls.from_params(build_role_network(loaded, target), teacher, params)
+                def make_method(teacher=teacher, target=target, config=config) -> DistillationMethod:
+                    return cls.from_setup(MethodSetup(
+                        student=build_role_network(loaded, target), teacher=teacher, teacher_config=config,
+                        target=target, dataset=spec.key, num_classes=spec.num_classes, sample=sample,
+                        build_network=lambda r: build_role_network(loaded, r).to(loaded.data.device),
+                        method_params=method_params, cache_frozen_outputs=params.engine.cache_frozen_outputs))
 
+                extra = {"teacher_arch": teacher.arch} if teacher is not None else {}
                 record, _, _ = run_training(params, loaded, tracker, stage="distill", method_name=method_name,
-                                         teacher=config, target=target, seed=seed, make_method=make_method,
-                                         run_params={**cls.run_params(params), "teacher_arch": teacher.arch})
+                                            teacher=config, target=target, seed=seed, make_method=make_method,
+                                            run_params={**cls.run_params(method_params), **extra})
                 records.append(record)
     return records
 

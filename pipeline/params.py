@@ -79,19 +79,6 @@ class EngineParams:
 
 
 @dataclass(frozen=True)
-class KDParams:
-    """Hinton KD as the authors run it: (1 − α)·CE + α·T²·KL, T = 4, α = 0.5.
-    `alpha_schedule`: `authors_step` halves α after every `alpha_decay_every` epochs (main-KD.py);
-    `constant` keeps α fixed (Hinton et al.)."""
-
-    temperature: float = field(metadata=POSITIVE)
-    alpha: float = field(metadata=PROBABILITY)
-    alpha_schedule: Literal["authors_step", "constant"]
-    alpha_decay_every: int = field(metadata=POSITIVE)
-    alpha_decay_factor: float = field(metadata=PROBABILITY)
-
-
-@dataclass(frozen=True)
 class MSTParams:
     """MST-Distill (official-mst-spec.md). Defaults follow the paper; the switches marked (Qn) reproduce the
     authors' code and are all turned on by the top-level `fidelity: official`.
@@ -140,11 +127,20 @@ class Params:
     splits: SplitParams
     training: dict[str, TrainingParams]
     engine: EngineParams
-    kd: KDParams
     topk: int = field(metadata=POSITIVE)
     fidelity: Literal["paper", "official"]
     mst: MSTParams
     tracking: TrackingParams
+    # each registered method's own block (top-level key = method name), parsed by its `params_type`
+    methods: dict[str, Any] = field(default_factory=dict, metadata={"parsed_separately": True})
+
+    @property
+    def kd(self) -> Any:
+        return self.methods["kd"]
+
+    def method(self, name: str) -> Any:
+        """The params block of method `name` (None for a method without one)."""
+        return self.methods.get(name)
 
     def mst_effective(self) -> MSTParams:
         """The MST params in force: with `fidelity: official` every authors'-code switch is on and stages 1
@@ -169,7 +165,27 @@ def load_params(path: Path | str = "params.yaml") -> Params:
 
 
 def parse_params(raw: Any, source: str = "params.yaml") -> Params:
-    params = _parse(Params, raw, "", source)
+    from pipeline.methods import METHODS  # the registry decides which method blocks exist
+    from pipeline.methods.base import check_teacher_config
+
+    if not isinstance(raw, dict):
+        raise _fail(source, "", f"expected a mapping of top-level keys, got {raw!r}")
+    raw = dict(raw)
+    methods = {}
+    for name, cls in sorted(METHODS.items()):
+        if cls.params_type is None:
+            continue
+        if name not in raw:
+            raise _fail(source, name, f"missing required key (the params of method {name!r})")
+        block = _parse(cls.params_type, raw.pop(name), name, source)
+        for i, config in enumerate(getattr(block, "teachers", [])):
+            try:
+                check_teacher_config(cls, config)
+            except ValueError as err:
+                raise _fail(source, f"{name}.teachers[{i}]", str(err)) from None
+        methods[name] = block
+    params = _parse(Params, raw, "", source, extra_known=[n for n, c in METHODS.items() if c.params_type])
+    params = dataclasses.replace(params, methods=methods)
     _cross_checks(params, source)
     return params
 
@@ -178,18 +194,18 @@ def _fail(source: str, key: str, message: str) -> ParamsError:
     return ParamsError(f"{source}: {key or '<top level>'}: {message}")
 
 
-def _parse(tp: Any, value: Any, key: str, source: str) -> Any:
+def _parse(tp: Any, value: Any, key: str, source: str, extra_known: list[str] = ()) -> Any:
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise _fail(source, key, f"expected a mapping of {', '.join(f.name for f in dataclasses.fields(tp))}, "
                                      f"got {value!r}")
-        fields = {f.name: f for f in dataclasses.fields(tp)}
+        fields = {f.name: f for f in dataclasses.fields(tp) if not f.metadata.get("parsed_separately")}
         hints = typing.get_type_hints(tp)
         unknown = [name for name in value if name not in fields]
         if unknown:
             name = unknown[0]
-            close = difflib.get_close_matches(str(name), fields, n=1)
+            close = difflib.get_close_matches(str(name), [*fields, *extra_known], n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else f"; allowed keys: {', '.join(fields)}"
             raise _fail(source, _join(key, name), f"unknown key{hint}")
         missing = [name for name in fields if name not in value]

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.params import (AVDigitsParams, EngineParams, KDParams, Params, ParamsError, SplitParams,
+from pipeline.methods.kd import KDParams
+from pipeline.params import (AVDigitsParams, EngineParams, Params, ParamsError, SplitParams,
                              TrackingParams, TrainingParams, load_params, parse_params)
 
 PARAMS_YAML = Path(__file__).parents[1] / "params.yaml"
@@ -211,3 +212,24 @@ def test_missing_file_names_file(tmp_path):
         load_params(path)
     assert str(path) in str(info.value)
     assert "not found" in str(info.value)
+
+
+def test_every_registered_method_with_params_has_a_block(raw_params):
+    """The registry and params.yaml agree: each method's block parses into its own params type."""
+    from pipeline.methods import METHODS
+    params = parse_params(raw_params)
+    for name, cls in METHODS.items():
+        if cls.params_type is not None:
+            assert isinstance(params.method(name), cls.params_type), name
+            assert set(params.method(name).teachers) <= set(cls.teacher_configs), name
+
+
+def test_missing_method_block_is_named(raw_params):
+    with pytest.raises(ParamsError, match=r"kd: missing required key \(the params of method 'kd'\)"):
+        parse_params(_edited(raw_params, lambda r: r.pop("kd")))
+
+
+def test_unsupported_teacher_config_is_a_clear_error(raw_params):
+    with pytest.raises(ParamsError, match=r"kd\.teachers\[1\]: method 'kd' does not support teacher config "
+                                          r"'mm\+cm'; it supports: mm, cm"):
+        parse_params(_edited(raw_params, lambda r: r["kd"].__setitem__("teachers", ["mm", "mm+cm"])))

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-from pipeline.data.tensors import Batch, DeviceDataset
-from pipeline.methods.base import DistillationMethod, register
+from pipeline.data.tensors import Batch
+from pipeline.methods.base import DistillationMethod, MethodSetup, TrainContext, register
 from pipeline.methods.frozen import FrozenOutputs
 from pipeline.models.registry import Network
 
@@ -26,6 +26,23 @@ def softened_kl(learner_logits: torch.Tensor, target_logits: torch.Tensor, tempe
 def hinton_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """T² · KL(p_t^T ‖ p_s^T) with the teacher detached — Hinton et al. 2015, Eq. 2 scaled by T²."""
     return softened_kl(student_logits, teacher_logits.detach(), temperature)
+
+
+@dataclass(frozen=True)
+class KDParams:
+    """Hinton KD as the authors run it: (1 − α)·CE + α·T²·KL, T = 4, α = 0.5.
+    `alpha_schedule`: `authors_step` halves α after every `alpha_decay_every` epochs (main-KD.py);
+    `constant` keeps α fixed (Hinton et al.). `teachers`: the Table 1 rows run (mm, cm)."""
+
+    teachers: list[str]
+    temperature: float = field(metadata={"check": (lambda v: v > 0, "a number > 0")})
+    alpha: float = field(metadata={"check": (lambda v: 0 <= v <= 1, "a number between 0 and 1")})
+    alpha_schedule: Literal["authors_step", "constant"]
+    alpha_decay_every: int = field(metadata={"check": (lambda v: v > 0, "an integer > 0")})
+    alpha_decay_factor: float = field(metadata={"check": (lambda v: 0 <= v <= 1, "a number between 0 and 1")})
+
+    def schedule(self) -> "AlphaSchedule":
+        return AlphaSchedule(self.alpha, self.alpha_schedule, self.alpha_decay_every, self.alpha_decay_factor)
 
 
 @dataclass(frozen=True)
@@ -51,6 +68,7 @@ class KnowledgeDistillation(DistillationMethod):
 
     name = "kd"
     teacher_configs = ("mm", "cm")
+    params_type = KDParams
 
     def __init__(self, student: Network, teacher: Network, temperature: float, alpha: AlphaSchedule,
                  cache_teacher_outputs: bool = True) -> None:
@@ -61,17 +79,12 @@ class KnowledgeDistillation(DistillationMethod):
         self.teacher_outputs = FrozenOutputs(self.teacher, enabled=cache_teacher_outputs)
 
     @classmethod
-    def from_params(cls, student: Network, teacher: Network | None, params: Any) -> "KnowledgeDistillation":
-        kd = params.kd
-        schedule = AlphaSchedule(kd.alpha, kd.alpha_schedule, kd.alpha_decay_every, kd.alpha_decay_factor)
-        return cls(student, teacher, kd.temperature, schedule, params.engine.cache_frozen_outputs)
+    def from_setup(cls, setup: MethodSetup) -> "KnowledgeDistillation":
+        kd = setup.method_params
+        return cls(setup.student, setup.teacher, kd.temperature, kd.schedule(), setup.cache_frozen_outputs)
 
-    @classmethod
-    def run_params(cls, params: Any) -> dict[str, Any]:
-        return {f"kd.{k}": v for k, v in asdict(params.kd).items()}
-
-    def prepare(self, data: DeviceDataset, train_index: torch.Tensor) -> None:
-        self.teacher_outputs.prepare(data, train_index)
+    def prepare(self, context: TrainContext) -> None:
+        self.teacher_outputs.prepare(context.data, context.split["train"])
 
     def loss_terms(self, batch: Batch, epoch: int) -> Mapping[str, torch.Tensor]:
         alpha = self.alpha(epoch)

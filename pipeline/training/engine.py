@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.data.tensors import Batch, DeviceDataset
-from pipeline.methods.base import DistillationMethod
+from pipeline.methods.base import DistillationMethod, TrainContext
 from pipeline.models.registry import Network
 
 EpochCallback = Callable[[int, dict[str, float]], None]
@@ -95,12 +95,15 @@ def optimise_epoch(loss_terms: Callable[[Batch], Mapping[str, torch.Tensor]], ba
 
 
 def train(method: DistillationMethod, data: DeviceDataset, split: dict[str, torch.Tensor], config: EngineConfig,
-          num_classes: int, generator: torch.Generator, on_epoch: EpochCallback | None = None) -> TrainResult:
-    """Train `method.student` (and the method's own trainable modules) and select a checkpoint."""
+          num_classes: int, generator: torch.Generator, on_epoch: EpochCallback | None = None,
+          on_prepare: EpochCallback | None = None) -> TrainResult:
+    """Train `method.student` (and the method's own trainable modules) and select a checkpoint.
+    `on_prepare(step, metrics)` receives what a method's pre-stage logs (e.g. FitNets' hint epochs)."""
     method.to(data.device)
-    method.prepare(data, split["train"])
-    # fused Adam: one kernel per step instead of a dozen per tensor (same update rule)
-    optimizer = torch.optim.Adam(list(method.trainable_parameters()), lr=config.lr, fused=True)
+    context = TrainContext(data, split, config.batch_size, config.epochs, config.lr, num_classes, generator,
+                           log=(lambda m, step: on_prepare(step, m)) if on_prepare else (lambda m, step: None))
+    method.prepare(context)
+    optimizer = method.configure_optimizer(config.lr)
     student = method.student
     best_score, best_epoch, best_state, best_val = math.inf, -1, None, None
     history: list[dict[str, float]] = []
@@ -111,7 +114,11 @@ def train(method: DistillationMethod, data: DeviceDataset, split: dict[str, torc
         val = evaluate(student, data, split["val"], num_classes, config.eval_batch_size)
         metrics.update(val.as_dict("val"))
         metrics.update(method.epoch_values(epoch))
-        score = val.loss if config.selection == "val_loss" else -val.accuracy
+        score = method.validation_score(context, epoch)
+        if score is None:
+            score = val.loss if config.selection == "val_loss" else -val.accuracy
+        else:
+            metrics["val_selection_score"] = score
         if score < best_score:
             best_score, best_epoch, best_val = score, epoch, val
             best_state = copy.deepcopy(student.state_dict())

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from pipeline.data.tensors import Batch, DeviceDataset
-from pipeline.methods.base import DistillationMethod
+from pipeline.data.tensors import Batch
+from pipeline.methods.base import DistillationMethod, TrainContext
 from pipeline.methods.frozen import FrozenOutputs
 from pipeline.methods.mst.gate_net import GateNet
 from pipeline.methods.mst.losses import load_balancing_loss, topk_distillation
@@ -67,8 +67,8 @@ class DynamicDistillation(DistillationMethod):
         self.lb_mode, self.lb_divide_by_n, self.weights = lb_mode, lb_divide_by_n, weights
         self._routes = torch.zeros(len(ways))
 
-    def prepare(self, data: DeviceDataset, train_index: torch.Tensor) -> None:
-        self.ways.prepare(data, train_index)
+    def prepare(self, context: TrainContext) -> None:
+        self.ways.prepare(context.data, context.split["train"])
 
     def loss_terms(self, batch: Batch, epoch: int) -> Mapping[str, torch.Tensor]:
         lambda_kd, lambda_lb = self.weights.at(epoch)
