@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline import parallel
 from pipeline.data.catalog import DatasetSpec, dataset_spec
 from pipeline.data.splits import make_permutations, read_split_column, split_positions, write_split_file
 from pipeline.data.tensors import DeviceDataset
@@ -110,8 +111,10 @@ def build_role_network(loaded: LoadedDataset, role: str) -> Network:
 
 def run_training(params: Params, loaded: LoadedDataset, tracker: Tracker, *, stage: str, method_name: str,
                  teacher: str, target: str, seed: int, make_method: Callable[[], DistillationMethod],
-                 run_params: dict) -> tuple[RunRecord, TrainResult, DistillationMethod]:
-    """Seed, build (via `make_method`), train and evaluate one network, recording it as one tracked run."""
+                 run_params: dict, figures: Callable[[TrainResult, Path], list[Path]] | None = None,
+                 ) -> tuple[RunRecord, TrainResult, DistillationMethod]:
+    """Seed, build (via `make_method`), train and evaluate one network, recording it as one tracked run.
+    `figures(result, folder)` may add PNGs (written under `folder`) to the run's artifacts."""
     spec = loaded.spec
     cfg = params.training[spec.key]
     # validation batches have the training batch size, as in the authors' loaders: the selection score is
@@ -144,6 +147,8 @@ def run_training(params: Params, loaded: LoadedDataset, tracker: Tracker, *, sta
                 writer.writeheader()
                 writer.writerows(result.history)
             run.log_artifact(history)
+            for path in figures(result, Path(tmp)) if figures else []:
+                run.log_artifact(path)
     record = RunRecord(dataset=spec.key, stage=stage, method=method_name, teacher=teacher, target=target,
                        seed=seed, test_accuracy=result.test.accuracy, test_accuracy_last=result.test_last.accuracy,
                        best_epoch=result.best_epoch, best_val_loss=result.best_val.loss,
@@ -151,21 +156,30 @@ def run_training(params: Params, loaded: LoadedDataset, tracker: Tracker, *, sta
     return record, result, method
 
 
+def run_jobs(params: Params, loaded: LoadedDataset, jobs: list, tracker: Tracker) -> list:
+    """A stage's independent runs, side by side in `params.workers` processes (pipeline/parallel.py)."""
+    workers = parallel.resolve_workers(params.workers, loaded.data.device, len(jobs))
+    return parallel.run_jobs(jobs, tracker, workers, params.threads_per_run)
+
+
 def train_teachers(params: Params, loaded: LoadedDataset, models_dir: Path, tracker: Tracker) -> list[RunRecord]:
     """Per seed, train the multimodal network and both unimodal networks from scratch with CE.
     The unimodal runs are the "w/o KD" rows and the cross-modal teachers."""
-    records = []
     ce = method_class("ce")
-    for seed in params.seeds:
-        for role in ("mm", "m1", "m2"):
+
+    def job(seed: int, role: str):
+        def run(tracker: Tracker) -> RunRecord:
             record, result, method = run_training(params, loaded, tracker, stage="teachers", method_name="ce",
                                                   teacher="none", target=role, seed=seed,
                                                   make_method=lambda: ce(build_role_network(loaded, role)),
                                                   run_params={})
             save_checkpoint(models_dir / f"seed{seed}" / f"{role}.pt", method.student, result.best_state,
                             loaded.input_shapes(method.student.inputs), loaded.spec.num_classes)
-            records.append(record)
-    return records
+            return record
+        return run
+
+    return run_jobs(params, loaded, [job(seed, role) for seed in params.seeds for role in ("mm", "m1", "m2")],
+                    tracker)
 
 
 def load_teacher(loaded: LoadedDataset, teachers_dir: Path, seed: int, role: str) -> Network:
@@ -184,28 +198,33 @@ def distill(params: Params, method_name: str, loaded: LoadedDataset, teachers_di
     for config in configs:
         check_teacher_config(cls, config)
     spec = loaded.spec
-    records = []
-    for seed in params.seeds:
-        sample = loaded.data.batch(loaded.splits[seed]["train"][:4])
-        for target in ("m1", "m2"):
-            for config in configs:
-                role = {"mm": "mm", "cm": spec.other(target)}.get(config)
-                teacher = load_teacher(loaded, teachers_dir, seed, role) if role else None
 
-                def make_method(teacher=teacher, target=target, config=config) -> DistillationMethod:
-                    return cls.from_setup(MethodSetup(
-                        student=build_role_network(loaded, target), teacher=teacher, teacher_config=config,
-                        target=target, dataset=spec.key, num_classes=spec.num_classes, sample=sample,
-                        build_network=lambda r: build_role_network(loaded, r).to(loaded.data.device),
-                        method_params=method_params, cache_frozen_outputs=params.engine.cache_frozen_outputs))
+    def job(seed: int, target: str, config: str):
+        def run(tracker: Tracker) -> RunRecord:
+            role = {"mm": "mm", "cm": spec.other(target)}.get(config)
+            teacher = load_teacher(loaded, teachers_dir, seed, role) if role else None
 
-                extra = {"teacher_arch": teacher.arch} if teacher is not None else {}
-                record, _, _ = run_training(params, loaded, tracker, stage="distill", method_name=method_name,
-                                            teacher=config, target=target, seed=seed, make_method=make_method,
-                                            run_params={**cls.run_params(method_params), **extra})
-                records.append(record)
-    return records
+            def make_method() -> DistillationMethod:
+                return cls.from_setup(MethodSetup(
+                    student=build_role_network(loaded, target), teacher=teacher, teacher_config=config,
+                    target=target, dataset=spec.key, num_classes=spec.num_classes,
+                    sample=loaded.data.batch(loaded.splits[seed]["train"][:4]),
+                    build_network=lambda r: build_role_network(loaded, r).to(loaded.data.device),
+                    method_params=method_params, cache_frozen_outputs=params.engine.cache_frozen_outputs))
+
+            extra = {"teacher_arch": teacher.arch} if teacher is not None else {}
+            record, _, _ = run_training(params, loaded, tracker, stage="distill", method_name=method_name,
+                                        teacher=config, target=target, seed=seed, make_method=make_method,
+                                        run_params={**cls.run_params(method_params), **extra})
+            return record
+        return run
+
+    jobs = [job(seed, target, config) for seed in params.seeds for target in ("m1", "m2") for config in configs]
+    return run_jobs(params, loaded, jobs, tracker)
 
 
 def open_device(params: Params) -> torch.device:
+    """The run device; also fixes torch's CPU thread count (`threads_per_run`), which every run of every
+    stage uses whether it runs in the main process or in a worker, so results never depend on `workers`."""
+    torch.set_num_threads(params.threads_per_run)
     return resolve_device(params.device)

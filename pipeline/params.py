@@ -122,6 +122,8 @@ class Params:
     seeds: list[int]
     device: str
     deterministic: bool
+    workers: int = field(metadata=NON_NEGATIVE)
+    threads_per_run: int = field(metadata=POSITIVE)
     datasets: dict[str, str]
     av_digits: AVDigitsParams
     splits: SplitParams

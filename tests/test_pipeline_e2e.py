@@ -85,11 +85,30 @@ def test_table1_has_every_row_for_both_targets(clone):
     assert "reports/metrics.json" in json.dumps(metrics)
 
 
+def test_table3_and_routing_figures(clone):
+    rows = list(csv.DictReader((clone / "reports" / "table3.csv").open()))
+    assert [r["setting"] for r in rows] == ["baseline", "a", "b", "c", "d", "e", "f", "full"]
+    assert [(r["S1"], r["S2"], r["S3"]) for r in rows][0] == ("0", "0", "0")
+    assert [(r["S1"], r["S2"], r["S3"]) for r in rows][-1] == ("1", "1", "1")
+    for row in rows:
+        assert int(row["av_digits/mean/n"]) == len(SEEDS)
+        mean = (float(row["av_digits/image/mean"]) + float(row["av_digits/audio/mean"])) / 2
+        assert abs(float(row["av_digits/mean/mean"]) - mean) < 1e-3
+    full = rows[-1]
+    table1 = {r["row_key"]: r for r in csv.DictReader((clone / "reports" / "table1.csv").open())}
+    assert full["av_digits/image/mean"] == table1["mst"]["av_digits/image/mean"]
+    assert "| Setting | S1 | S2 | S3 |" in (clone / "reports" / "table3.md").read_text()
+    for modality in ("image", "audio"):
+        png = clone / "reports" / "figures" / f"routing_av_digits_{modality}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_every_run_is_in_mlflow_with_params_metrics_tags_and_artifacts(clone):
     client, runs = _mlflow_runs(clone)
     children = [r for r in runs if r.data.tags.get("run.role") == "training"]
-    # per seed: 3 networks alone, KD with MM/CM for 2 targets, MST stage 1 once, stages 2 and 3 per target
-    assert len(children) == len(SEEDS) * (3 + 4 + 1 + 2 + 2)
+    # per seed: 3 networks alone, KD with MM/CM for 2 targets, MST stage 1 once, stages 2 and 3 per target,
+    # the 7 ablation settings per target plus their 2 own stage-2 runs per target
+    assert len(children) == len(SEEDS) * (3 + 4 + 1 + 2 + 2 + 7 * 2 + 2 * 2)
     names = {r.info.run_name for r in children}
     assert {"teachers/ce/none/multimodal/seed0", "distill/kd/cm/audio/seed1"} <= names
     mst_s3 = [r for r in children if r.data.tags["run.stage"] == "mst_s3"]
@@ -98,16 +117,19 @@ def test_every_run_is_in_mlflow_with_params_metrics_tags_and_artifacts(clone):
         assert {"route_0", "route_3", "lambda_kd", "lambda_lb", "train_lb", "train_kd"} <= set(run.data.metrics)
     for run in children:
         assert run.info.status == "FINISHED"
-        if run.data.tags["run.stage"] in ("mst_s1", "mst_s2"):
+        if run.data.tags["run.stage"] in ("mst_s1", "mst_s2") or "/stage2/" in run.info.run_name:
             continue
         assert {"seed", "method", "teacher", "target", "train.lr", "train.epochs"} <= set(run.data.params)
         assert {"git.commit", "dvc.stage", "torch.version", "device", "mlflow.parentRunId"} <= set(run.data.tags)
-        assert run.data.tags["dvc.stage"] in ("teachers@av_digits", "kd@av_digits", "mst_s3@av_digits")
+        assert run.data.tags["dvc.stage"] in ("teachers@av_digits", "distill@av_digits-kd", "mst_s3@av_digits",
+                                              "mst_ablation@av_digits")
         assert "test_accuracy" in run.data.metrics
         history = client.get_metric_history(run.info.run_id, "val_loss")
         assert [m.step for m in history] == [0, 1]
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"confusion_matrix.png", "history.csv"} <= artifacts
+        if run.data.tags["run.stage"] == "mst_s3":
+            assert "routing.png" in artifacts
     kd_runs = [r for r in children if r.data.params["method"] == "kd"]
     assert all(r.data.params["kd.temperature"] == "4.0" for r in kd_runs)
 
@@ -150,12 +172,14 @@ def test_misspelled_param_fails_before_training(clone):
 def test_topk_override_reruns_only_stage_3(clone):
     out = _run(["dvc", "exp", "run", "-S", "topk=2", "-n", "top2"], clone).stdout
     ran = re.findall(r"Running stage '([^']+)'", out)
-    assert ran == ["mst_s3@av_digits", "report"], out
+    # the ablation's settings with stage 3 route top-k too; stages 1 and 2 and the baselines come from the cache
+    assert sorted(ran) == ["mst_ablation@av_digits", "mst_s3@av_digits", "report"], out
     shown = _run(["dvc", "exp", "show", "--json"], clone).stdout
     assert "top2" in shown
     _, runs = _mlflow_runs(clone)
     top2 = [r for r in runs if r.data.tags.get("dvc.exp_name") == "top2" and r.data.tags.get("run.role") == "training"]
-    assert len(top2) == 2 * len(SEEDS) and all(r.data.params["topk"] == "2" for r in top2)
+    assert all(r.data.params["topk"] == "2" for r in top2)
+    assert len([r for r in top2 if r.data.tags["run.stage"] == "mst_s3"]) == 2 * len(SEEDS)
 
 
 def test_dvc_exp_run_with_a_seeds_override(clone):

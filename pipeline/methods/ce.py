@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.data.tensors import Batch
-from pipeline.methods.base import DistillationMethod, register
+from pipeline.methods.base import DistillationMethod, MethodSetup, register
 
 
 @register
@@ -16,6 +16,10 @@ class CrossEntropyOnly(DistillationMethod):
     """L = CE(student(x), y). Also how the multimodal and unimodal teachers are trained."""
 
     name = "ce"
+
+    @classmethod
+    def from_setup(cls, setup: MethodSetup) -> "CrossEntropyOnly":
+        return cls(setup.student)
 
     def loss_terms(self, batch: Batch, epoch: int) -> Mapping[str, torch.Tensor]:
         return {"ce": F.cross_entropy(self.student(batch), batch["y"])}

@@ -29,3 +29,51 @@ def confusion_matrix_png(confusion: np.ndarray, path: Path, title: str) -> Path:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def routing_curves_png(fractions: np.ndarray, labels: list[str], path: Path, title: str,
+                       spread: np.ndarray | None = None) -> Path:
+    """Per-epoch share of top-k picks going to each specialised teacher (paper Fig. 4): `fractions` is
+    (epochs, N); `spread` (same shape, optional) is drawn as a ±band (e.g. the std over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = np.arange(1, fractions.shape[0] + 1)
+    fig, ax = plt.subplots(figsize=(5.0, 3.4), dpi=100)
+    for j, label in enumerate(labels):
+        line, = ax.plot(epochs, fractions[:, j], marker="o", markersize=2.5, linewidth=1.2, label=label)
+        if spread is not None:
+            ax.fill_between(epochs, fractions[:, j] - spread[:, j], fractions[:, j] + spread[:, j],
+                            color=line.get_color(), alpha=0.15, linewidth=0)
+    ax.axhline(1.0 / len(labels), color="grey", linestyle=":", linewidth=0.8, label="uniform")
+    ax.set(xlabel="epoch", ylabel="routing probability", title=title, ylim=(0, 1))
+    ax.title.set_fontsize(9)
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def topk_sweep_png(ks: list[int], means: dict[str, list[float]], stds: dict[str, list[float]], path: Path,
+                   title: str) -> Path:
+    """Test accuracy against the number of routed teachers k (paper Fig. 6), one line per target."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.4, 3.2), dpi=100)
+    for label, values in means.items():
+        ax.errorbar(ks, values, yerr=stds[label], marker="o", capsize=3, label=label)
+    ax.set(xlabel="k (teachers per sample)", ylabel="test accuracy (%)", title=title, xticks=ks)
+    ax.title.set_fontsize(9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

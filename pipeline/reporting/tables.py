@@ -156,18 +156,120 @@ def teachers_markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# Paper Table 3 rows: (key, label, S1, S2, S3); "full" is the MST-Distill stage-3 run itself.
+TABLE3_ROWS = (
+    ("baseline", "Baseline", False, False, False),
+    ("a", "(a)", True, False, False),
+    ("b", "(b)", False, True, False),
+    ("c", "(c)", False, False, True),
+    ("d", "(d)", True, True, False),
+    ("e", "(e)", True, False, True),
+    ("f", "(f)", False, True, True),
+    ("full", "MST-Distill", True, True, True),
+)
+
+
+def _setting_runs(runs: list[dict], dataset: str, setting: str) -> list[dict]:
+    if setting == "full":
+        return [r for r in runs if r["dataset"] == dataset and r["stage"] == "mst_s3"]
+    return [r for r in runs if r["dataset"] == dataset and r["stage"] == "mst_ablation" and r.get("setting") == setting]
+
+
+def table3(runs: list[dict], datasets: list[str]) -> dict:
+    """{dataset: {setting: {modality: {mean, std, n}, "mean": {mean, std, n}}}}. The "mean" cell averages
+    both targets per seed, then summarises over seeds."""
+    out: dict = {}
+    for dataset in datasets:
+        spec = dataset_spec(dataset)
+        for key, *_ in TABLE3_ROWS:
+            cell_runs = _setting_runs(runs, dataset, key)
+            if not cell_runs:
+                continue
+            row = {spec.modalities[t]: summarise([r["test_accuracy"] for r in cell_runs if r["target"] == t])
+                   for t in TARGETS if any(r["target"] == t for r in cell_runs)}
+            seeds = sorted({r["seed"] for r in cell_runs})
+            per_seed = [float(np.mean([r["test_accuracy"] for r in cell_runs if r["seed"] == s])) for s in seeds]
+            row["mean"] = summarise(per_seed)
+            out.setdefault(dataset, {})[key] = row
+    return out
+
+
+def table3_markdown(summary: dict, datasets: list[str]) -> str:
+    columns = [(d, dataset_spec(d).modalities[t]) for d in datasets for t in TARGETS] + [(d, "mean") for d in datasets]
+    header = ["Setting", "S1", "S2", "S3"] + [f"{dataset_spec(d).display_name} {m.capitalize()}" for d, m in columns]
+    lines = ["| " + " | ".join(header) + " |", "|---|:-:|:-:|:-:|" + "---:|" * len(columns)]
+    marks = {c: _rank_marks({k: v[c[1]] for k, v in summary.get(c[0], {}).items() if c[1] in v}) for c in columns}
+    for key, label, *stages in TABLE3_ROWS:
+        cells = [label] + ["✓" if on else "✗" for on in stages]
+        for d, m in columns:
+            cell = summary.get(d, {}).get(key, {}).get(m)
+            if cell is None:
+                cells.append("–")
+                continue
+            text = f"{cell['mean']:.2f} ± {cell['std']:.2f}"
+            mark = marks[(d, m)].get(key)
+            cells.append(f"**{text}**" if mark == "best" else f"<u>{text}</u>" if mark == "second" else text)
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "MST-Distill stage ablation (paper Table 3): test accuracy (%), mean ± sample std over seeds; the "
+                  "Mean column averages both targets per seed. S1: collaborative initialisation (off: teachers "
+                  "trained independently, the student starts from scratch). S2: specialised MaskNet teachers (off: "
+                  "the plain multimodal and cross-modal teachers). S3: GateNet top-k routing (off: the teachers' "
+                  "distillation signals averaged). **Bold**: best; <u>underlined</u>: second best."]
+    return "\n".join(lines) + "\n"
+
+
+def table3_csv(summary: dict, datasets: list[str]) -> str:
+    columns = [(d, dataset_spec(d).modalities[t]) for d in datasets for t in TARGETS] + [(d, "mean") for d in datasets]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["setting", "S1", "S2", "S3"] + [f"{d}/{m}/{s}" for d, m in columns for s in ("mean", "std", "n")])
+    for key, _, *stages in TABLE3_ROWS:
+        values = []
+        for d, m in columns:
+            cell = summary.get(d, {}).get(key, {}).get(m)
+            values += [cell["mean"], cell["std"], cell["n"]] if cell else ["", "", ""]
+        writer.writerow([key] + [int(on) for on in stages] + values)
+    return buffer.getvalue()
+
+
+def routing_summary(runs: list[dict], dataset: str, target: str) -> tuple[np.ndarray, np.ndarray, list[str]] | None:
+    """Seed mean and std of the per-epoch routing fractions (epochs × N) of the stage-3 runs of one target."""
+    cell = [r for r in runs if r["dataset"] == dataset and r["stage"] == "mst_s3" and r["target"] == target
+            and r.get("routing")]
+    if not cell:
+        return None
+    stacked = np.array([r["routing"] for r in cell], dtype=np.float64)
+    return stacked.mean(axis=0), stacked.std(axis=0), list(cell[0]["ways"])
+
+
 def write_reports(results_dir: Path, out_dir: Path, datasets: list[str]) -> dict:
-    """Write table1.md, table1.csv, teachers.md and metrics.json under `out_dir`; return the metrics."""
+    """Write Table 1 and Table 3 (.md, .csv), teachers.md, metrics.json and the routing figures
+    (figures/routing_<dataset>_<modality>.png) under `out_dir`; return the metrics."""
+    from pipeline.reporting.figures import routing_curves_png
+
     runs = read_runs(results_dir, datasets)
     t1 = table1(runs, datasets)
+    t3 = table3(runs, datasets)
     teachers = teachers_summary(runs, datasets)
-    metrics = {"table1": t1, "teachers": teachers}
+    metrics = {"table1": t1, "table3": t3, "teachers": teachers}
     out_dir.mkdir(parents=True, exist_ok=True)
     outputs = {"table1.md": table1_markdown(t1, datasets), "table1.csv": table1_csv(t1, datasets),
+               "table3.md": table3_markdown(t3, datasets), "table3.csv": table3_csv(t3, datasets),
                "teachers.md": teachers_markdown(teachers),
                "metrics.json": json.dumps(metrics, indent=2, sort_keys=True) + "\n"}
     for name, text in outputs.items():  # everything is computed before anything is written
         tmp = out_dir / f".{name}.tmp"
         tmp.write_text(text)
         tmp.replace(out_dir / name)
+    for dataset in datasets:
+        spec = dataset_spec(dataset)
+        for target in TARGETS:
+            routing = routing_summary(runs, dataset, target)
+            if routing is None:
+                continue
+            mean, std, labels = routing
+            n = len({r["seed"] for r in runs if r["stage"] == "mst_s3" and r["dataset"] == dataset})
+            routing_curves_png(mean, labels, out_dir / "figures" / f"routing_{dataset}_{spec.modalities[target]}.png",
+                               f"{spec.display_name}, {spec.modalities[target]} student: routing per epoch "
+                               f"(mean ± std over {n} seeds)", spread=std)
     return metrics

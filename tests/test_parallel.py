@@ -1,0 +1,80 @@
+"""Runs in worker processes compute exactly what they compute in the main process, and are logged alike."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+import yaml
+
+from pipeline import parallel
+from pipeline.benchmark import LoadedDataset, train_teachers
+from pipeline.data.catalog import dataset_spec
+from pipeline.params import parse_params
+from pipeline.parallel import RecordingTracker, resolve_workers, run_jobs
+from tests.conftest import REPO, synthetic_dataset, synthetic_split
+
+
+def _params(workers: int):
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw = copy.deepcopy(raw)
+    raw.update(seeds=[0, 1], workers=workers)
+    raw["training"]["av_digits"].update(epochs=2, batch_size=16)
+    return parse_params(raw)
+
+
+def _loaded() -> LoadedDataset:
+    split = synthetic_split()
+    return LoadedDataset(dataset_spec("av_digits"), synthetic_dataset(), {0: split, 1: split})
+
+
+def _train(tmp_path, workers: int):
+    tracker = RecordingTracker()
+    records = train_teachers(_params(workers), _loaded(), tmp_path / f"w{workers}", tracker)
+    return records, tracker.runs
+
+
+def test_teachers_trained_in_two_workers_equal_the_serial_ones(tmp_path):
+    torch.set_num_threads(1)
+    serial, serial_runs = _train(tmp_path, 1)
+    forked, forked_runs = _train(tmp_path, 2)
+    assert [dataclasses.asdict(r) for r in serial] == [dataclasses.asdict(r) for r in forked]
+    assert len(serial) == 6
+    for seed in (0, 1):
+        for role in ("mm", "m1", "m2"):
+            a = (tmp_path / "w1" / f"seed{seed}" / f"{role}.pt").read_bytes()
+            b = (tmp_path / "w2" / f"seed{seed}" / f"{role}.pt").read_bytes()
+            assert a == b, (seed, role)
+    # the replayed runs carry the same names, params and per-epoch metrics, in job order
+    assert [r.name for r in serial_runs] == [r.name for r in forked_runs]
+    assert [r.metrics for r in serial_runs] == [r.metrics for r in forked_runs]
+    assert [r.params for r in serial_runs] == [r.params for r in forked_runs]
+    assert all(any(name == "confusion_matrix.png" for name, _ in r.artifacts) for r in forked_runs)
+
+
+def _failing_job(tracker):
+    with tracker.run("bad", {"p": 1}, {}) as run:
+        run.log_metrics({"x": 1.0}, step=0)
+        raise ValueError("job failed on purpose")
+
+
+def test_a_failing_job_is_replayed_as_failed_and_reraised():
+    tracker = RecordingTracker()
+    with pytest.raises(ValueError, match="on purpose"):
+        run_jobs([lambda t: 7, _failing_job], tracker, workers=2, threads_per_run=1)
+    assert [(r.name, r.failed) for r in tracker.runs] == [("bad", True)]
+    assert tracker.runs[0].metrics == [({"x": 1.0}, 0)]
+
+
+def test_results_come_back_in_job_order():
+    jobs = [lambda t, i=i: i * i for i in range(5)]
+    assert run_jobs(jobs, RecordingTracker(), workers=2, threads_per_run=1) == [0, 1, 4, 9, 16]
+    assert parallel._JOBS == ()
+
+
+def test_workers_resolution():
+    assert resolve_workers(0, torch.device("cpu"), 100) >= 1
+    assert resolve_workers(4, torch.device("cpu"), 3) == 3
+    assert resolve_workers(4, torch.device("cuda"), 10) == 1
