@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,11 +134,13 @@ def run_training(params: Params, loaded: LoadedDataset, tracker: Tracker, *, sta
                   **{f"engine.{k}": v for k, v in dataclasses.asdict(params.engine).items()},
                   "deterministic": params.deterministic, **run_params}
     with tracker.run(name, all_params, tags) as run:
+        started = time.perf_counter()
         result = train(method, loaded.data, loaded.splits[seed], engine, spec.num_classes,
                        torch.Generator().manual_seed(seed), on_epoch=lambda e, m: run.log_metrics(m, step=e),
                        on_prepare=lambda e, m: run.log_metrics(m, step=e))
         run.log_metrics({"test_accuracy": result.test.accuracy, "test_loss": result.test.loss,
-                         "test_accuracy_last": result.test_last.accuracy, "best_epoch": result.best_epoch})
+                         "test_accuracy_last": result.test_last.accuracy, "best_epoch": result.best_epoch,
+                         "wall_time_s": time.perf_counter() - started})
         with tempfile.TemporaryDirectory() as tmp:
             run.log_artifact(confusion_matrix_png(result.test.confusion, Path(tmp) / "confusion_matrix.png",
                                                   f"{spec.display_name} {name}: test acc {result.test.accuracy:.3f}"))

@@ -8,7 +8,8 @@ import json
 
 import pytest
 
-from pipeline.reporting.tables import ResultsError, read_runs, table1, table1_csv, table1_markdown, write_reports
+from pipeline.reporting.tables import (TABLE1_ROWS, ResultsError, read_runs, table1, table1_csv, table1_markdown,
+                                      table3, table3_markdown, write_reports)
 
 
 def _run(method, teacher, target, seed, acc, stage="distill"):
@@ -42,7 +43,8 @@ def test_markdown_marks_best_and_second_best_per_column():
 
 def test_csv_has_one_row_per_method_and_numeric_cells():
     rows = list(csv.DictReader(io.StringIO(table1_csv(table1(RUNS, ["av_digits"]), ["av_digits"]))))
-    assert [r["method"] for r in rows] == ["w/o KD", "KD (MM)", "KD (CM)", "MST-Distill (MM+CM)"]
+    assert [r["method"] for r in rows] == [row.label for row in TABLE1_ROWS]
+    assert rows[0]["method"] == "w/o KD" and rows[-1]["method"] == "MST-Distill (MM+CM)"
     assert float(rows[1]["av_digits/image/mean"]) == 65.0 and rows[2]["av_digits/audio/mean"] == ""
 
 
@@ -59,3 +61,23 @@ def test_write_reports_and_errors(tmp_path):
         read_runs(tmp_path / "results", ["av_digits"])
     with pytest.raises(ResultsError, match="no results"):
         read_runs(tmp_path / "results", ["av_mnist"])
+
+
+def _ablation(setting, target, seed, acc):
+    return {**_run(f"mst_{setting}", "mm+cm", target, seed, acc, "mst_ablation"), "setting": setting}
+
+
+def test_table3_means_over_targets_and_seeds_and_marks_the_best():
+    runs = ([_ablation("baseline", t, s, a) for t, s, a in (("m1", 0, .50), ("m2", 0, .30), ("m1", 1, .54),
+                                                             ("m2", 1, .34))]
+            + [_run("mst", "mm+cm", t, s, a, "mst_s3") for t, s, a in (("m1", 0, .60), ("m2", 0, .40),
+                                                                         ("m1", 1, .64), ("m2", 1, .44))])
+    summary = table3(runs, ["av_digits"])
+    # per seed: (50 + 30) / 2 = 40 and (54 + 34) / 2 = 44 -> mean 42, sample std 2.83
+    assert summary["av_digits"]["baseline"]["mean"] == {"mean": 42.0, "std": pytest.approx(2.8284, abs=1e-4), "n": 2}
+    assert summary["av_digits"]["full"]["image"]["mean"] == 62.0
+    lines = table3_markdown(summary, ["av_digits"]).splitlines()
+    assert lines[0] == "| Setting | S1 | S2 | S3 | AV-Digits Image | AV-Digits Audio | AV-Digits Mean |"
+    assert lines[2] == "| Baseline | ✗ | ✗ | ✗ | <u>52.00 ± 2.83</u> | <u>32.00 ± 2.83</u> | <u>42.00 ± 2.83</u> |"
+    assert lines[3].startswith("| (a) | ✓ | ✗ | ✗ | – |")
+    assert lines[9] == "| MST-Distill | ✓ | ✓ | ✓ | **62.00 ± 2.83** | **42.00 ± 2.83** | **52.00 ± 2.83** |"

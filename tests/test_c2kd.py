@@ -1,0 +1,327 @@
+"""C²KD: Kendall τ-b, the non-target KL and its mask, the proxy heads, the trained teacher, SGD and its
+learning-rate schedules, selection, taps and params."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from scipy.stats import kendalltau
+
+from pipeline.methods.base import MethodSetup, TrainContext, check_teacher_config
+from pipeline.methods.c2kd import (C2KD, C2KDParams, C2KDTaps, ProxyNet, ProxyNet1D, build_proxy, kendall_tau_b,
+                                   masked_non_target_kl, mutual_kl, non_target_kl, poly_lr)
+from pipeline.models.registry import build_network
+from pipeline.params import _parse
+from pipeline.training.engine import EngineConfig, train
+from tests.conftest import synthetic_dataset, synthetic_split
+
+# the params.yaml block reported for the integrator, verbatim
+BLOCK = """
+# C²KD (baselines-spec.md §2.10). CM teacher only; the teacher is fine-tuned jointly with the student.
+c2kd:
+  teachers:                   # Table 1 row: C²KD (CM)
+  - cm
+  taps:                       # module feeding each proxy head, per dataset and teacher->student pair
+    av_digits:
+      m2_to_m1:               # audio ThreeLayerCNN-A teacher -> image LeNet5 student
+        teacher: conv3_maxpool  # 128x2x2 map -> ProxyNet(128, K)
+        student: fc1            # 84 -> ProxyNet1D(84, K)
+      m1_to_m2:               # image LeNet5 teacher -> audio ThreeLayerCNN-A student
+        teacher: fc1
+        student: conv3_maxpool
+    av_mnist:                 # same modules (conv3_maxpool is 128x14x14 at 112x112)
+      m2_to_m1:
+        teacher: conv3_maxpool
+        student: fc1
+      m1_to_m2:
+        teacher: fc1
+        student: conv3_maxpool
+  lr: 0.01                    # SGD over teacher + student + proxies (C²KD's own lr, not training.lr)
+  momentum: 0.9
+  krc: 0.0                    # Kendall tau-b threshold of the on-the-fly selection
+  lr_schedule: constant       # constant: authors (Q1, poly decay never applied); poly: official C2KD
+  poly_power: 0.9             # poly: lr = poly_min_lr + (lr - poly_min_lr)(1 - progress)^poly_power
+  poly_min_lr: 0.0001
+  selection: val_loss         # val_loss: authors (min val CE); late_val_accuracy: official (best val acc late)
+  selection_start: 0.8        # late_val_accuracy: only epochs >= 0.8 x epochs count (official: 80 of 100)
+"""
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny batches: one thread is as fast, and far faster when other processes load the CPUs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+SHAPES = {"m1": (1, 28, 28), "m2": (1, 16, 16)}
+ARCHS = {"m1": "lenet5", "m2": "three_layer_cnn_a"}
+
+
+def _params(**changes) -> C2KDParams:
+    return dataclasses.replace(_parse(C2KDParams, yaml.safe_load(BLOCK)["c2kd"], "c2kd", "test"), **changes)
+
+
+def _network(role: str):
+    if role == "mm":
+        return build_network("cnn_i", ["m1", "m2"], 10, [SHAPES["m1"], SHAPES["m2"]])
+    return build_network(ARCHS[role], [role], 10, [SHAPES[role]])
+
+
+def _setup(data, target: str, params: C2KDParams | None = None, dataset: str = "av_digits") -> MethodSetup:
+    torch.manual_seed(0)
+    other = "m2" if target == "m1" else "m1"
+    teacher = _network(other)
+    student = _network(target)
+    return MethodSetup(student=student, teacher=teacher, teacher_config="cm", target=target, dataset=dataset,
+                       num_classes=10, sample=data.batch(torch.arange(4)), build_network=_network,
+                       method_params=params or _params())
+
+
+def _context(data, epochs: int = 3, batch_size: int = 16) -> TrainContext:
+    return TrainContext(data, synthetic_split(), batch_size, epochs, 1e-3, 10, torch.Generator().manual_seed(0))
+
+
+def test_params_block_parses():
+    p = _params()
+    assert p.teachers == ["cm"]
+    assert p.taps["av_digits"]["m2_to_m1"] == C2KDTaps(teacher="conv3_maxpool", student="fc1")
+    assert p.taps["av_mnist"]["m1_to_m2"] == C2KDTaps(teacher="fc1", student="conv3_maxpool")
+    assert (p.lr, p.momentum, p.krc, p.lr_schedule, p.selection) == (0.01, 0.9, 0.0, "constant", "val_loss")
+    assert (p.poly_power, p.poly_min_lr, p.selection_start) == (0.9, 1e-4, 0.8)
+
+
+def test_only_the_cm_teacher_is_supported():
+    check_teacher_config(C2KD, "cm")
+    for config in ("mm", "mm+cm"):
+        with pytest.raises(ValueError, match="does not support teacher config"):
+            check_teacher_config(C2KD, config)
+
+
+def test_kendall_tau_b_matches_scipy_with_and_without_ties():
+    rng = np.random.default_rng(0)
+    tied_x, tied_y = rng.integers(0, 3, (30, 10)), rng.integers(0, 4, (30, 10))  # many ties in both
+    smooth_x, smooth_y = rng.normal(size=(30, 10)), rng.normal(size=(30, 10))
+    for x, y in ((tied_x, tied_y), (smooth_x, smooth_y), (tied_x, smooth_y)):
+        got = kendall_tau_b(torch.tensor(x, dtype=torch.float32), torch.tensor(y, dtype=torch.float32))
+        expected = [kendalltau(a, b).statistic for a, b in zip(x, y)]
+        np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5, atol=1e-6)
+    # perfectly (anti-)concordant rows, and a constant row (undefined: scipy NaN, here 0)
+    x = torch.tensor([[1.0, 2.0, 3.0, 4.0], [1.0, 2.0, 3.0, 4.0], [2.0, 2.0, 2.0, 2.0]])
+    y = torch.tensor([[0.1, 0.5, 0.7, 0.9], [4.0, 3.0, 2.0, 1.0], [1.0, 2.0, 3.0, 4.0]])
+    assert kendall_tau_b(x, y).tolist() == [1.0, -1.0, 0.0]
+
+
+def _explicit_ntkl(learner, target, labels):
+    """Per-sample KL with the label's logit set to 0 in both vectors, by loops."""
+    out = []
+    for s, t, y in zip(learner.tolist(), target.tolist(), labels.tolist()):
+        s = [0.0 if c == y else v for c, v in enumerate(s)]
+        t = [0.0 if c == y else v for c, v in enumerate(t)]
+        zs, zt = sum(math.exp(v) for v in s), sum(math.exp(v) for v in t)
+        ps, pt = [math.exp(v) / zs for v in s], [math.exp(v) / zt for v in t]
+        out.append(sum(b * (math.log(b) - math.log(a)) for a, b in zip(ps, pt)))
+    return out
+
+
+def test_non_target_kl_matches_an_explicit_loop():
+    torch.manual_seed(0)
+    learner, target = torch.randn(6, 5) * 2, torch.randn(6, 5) * 2
+    labels = torch.tensor([0, 4, 2, 2, 1, 3])
+    got = non_target_kl(learner, target, labels)
+    assert got.tolist() == pytest.approx(_explicit_ntkl(learner, target, labels), rel=1e-5)
+
+
+def test_masked_non_target_kl_averages_over_the_full_batch_and_vanishes_with_an_empty_mask():
+    torch.manual_seed(1)
+    learner = torch.randn(6, 5, requires_grad=True)
+    target = torch.randn(6, 5, requires_grad=True)
+    labels = torch.tensor([0, 4, 2, 2, 1, 3])
+    per_sample = _explicit_ntkl(learner.detach(), target.detach(), labels)
+    mask = torch.tensor([1.0, 0.0, 1.0, 0.0, 0.0, 1.0])
+    got = masked_non_target_kl(learner, target, labels, mask)
+    assert got.item() == pytest.approx((per_sample[0] + per_sample[2] + per_sample[5]) / 6, rel=1e-5)
+    got.backward()
+    assert target.grad is None  # the target side is detached
+    assert torch.all(learner.grad[mask == 0] == 0) and torch.any(learner.grad[mask == 1] != 0)
+    learner.grad = None
+    empty = masked_non_target_kl(learner, target, labels, torch.zeros(6))
+    assert empty.item() == 0.0
+    empty.backward()
+    assert torch.all(learner.grad == 0)
+
+
+def test_mutual_kl_is_both_directions_each_with_the_other_side_detached():
+    torch.manual_seed(2)
+    z, q = torch.randn(4, 5, requires_grad=True), torch.randn(4, 5, requires_grad=True)
+    expected = 0.0
+    for a, b in zip(z.tolist(), q.tolist()):
+        pa = [math.exp(v) / sum(math.exp(u) for u in a) for v in a]
+        pb = [math.exp(v) / sum(math.exp(u) for u in b) for v in b]
+        expected += sum(x * math.log(x / y) for x, y in zip(pa, pb)) + sum(y * math.log(y / x) for x, y in zip(pa, pb))
+    assert mutual_kl(z, q).item() == pytest.approx(expected / 4, rel=1e-5)
+    # each side only receives the gradient of the term in which it is the learner
+    mutual_kl(z, q).backward()
+    z_ref, q_ref = z.detach().clone().requires_grad_(True), q.detach().clone().requires_grad_(True)
+    F.kl_div(F.log_softmax(z_ref, 1), F.softmax(q.detach(), 1), reduction="batchmean").backward()
+    F.kl_div(F.log_softmax(q_ref, 1), F.softmax(z.detach(), 1), reduction="batchmean").backward()
+    torch.testing.assert_close(z.grad, z_ref.grad)
+    torch.testing.assert_close(q.grad, q_ref.grad)
+
+
+def test_proxy_heads_and_their_choice_by_feature_shape():
+    torch.manual_seed(0)
+    vector_proxy = build_proxy((84,), 10)
+    map_proxy = build_proxy((128, 2, 2), 10)
+    assert isinstance(vector_proxy, ProxyNet1D) and isinstance(map_proxy, ProxyNet)
+    assert vector_proxy(torch.randn(5, 84)).shape == (5, 10)
+    assert map_proxy(torch.randn(5, 128, 2, 2)).shape == (5, 10)
+    assert torch.all(vector_proxy.fc1.bias == 0) and torch.all(vector_proxy.fc2.bias == 0)
+    assert map_proxy.conv.bias is None
+    # Kaiming normal, fan_out: std = sqrt(2 / fan_out)
+    weight = ProxyNet1D(400, 400).fc1.weight
+    assert weight.std().item() == pytest.approx(math.sqrt(2 / 400), rel=0.05)
+    with pytest.raises(ValueError, match="vector"):
+        build_proxy((3, 4), 10)
+
+
+@pytest.mark.parametrize("target, proxy_types", [("m1", (ProxyNet, ProxyNet1D)), ("m2", (ProxyNet1D, ProxyNet))])
+def test_builds_and_trains_teacher_student_and_proxies(target, proxy_types):
+    data = synthetic_dataset()
+    method = C2KD.from_setup(_setup(data, target))
+    assert (type(method.proxy_teacher), type(method.proxy_student)) == proxy_types
+    method.prepare(_context(data))
+    optimizer = method.configure_optimizer(1e-3)
+    before = {name: copy.deepcopy(module.state_dict()) for name, module in
+              (("teacher", method.teacher), ("student", method.student), ("proxy_teacher", method.proxy_teacher),
+               ("proxy_student", method.proxy_student))}
+    method.train()
+    assert method.teacher.training
+    batch = data.batch(synthetic_split()["train"][:16])
+    for _ in range(2):
+        terms = method.loss_terms(batch, 0)
+        assert set(terms) == {"ce_teacher", "ce_student", "kl_teacher_proxy", "kl_student_proxy", "ntkl"}
+        loss = torch.stack(list(terms.values())).sum()
+        optimizer.zero_grad()
+        loss.backward()
+        assert all(p.grad is not None for p in method.teacher.parameters())
+        optimizer.step()
+    assert torch.isfinite(loss)
+    for name, module in (("teacher", method.teacher), ("student", method.student),
+                         ("proxy_teacher", method.proxy_teacher), ("proxy_student", method.proxy_student)):
+        assert any(not torch.equal(before[name][k], v) for k, v in module.state_dict().items()), name
+
+
+def test_loss_terms_match_the_formula_with_a_scipy_mask():
+    data = synthetic_dataset()
+    method = C2KD.from_setup(_setup(data, "m2"))
+    method.train()
+    batch = data.batch(torch.arange(12))
+    terms = method.loss_terms(batch, 0)
+    # recompute from the same modules (train mode: the proxies' BN normalises by batch statistics again)
+    z_t, z_s = method.teacher(batch), method.student(batch)
+    q_t = method.proxy_teacher(method.teacher.body.fc1(
+        torch.flatten(F.relu(method.teacher.body.conv3(F.avg_pool2d(F.relu(method.teacher.body.conv2(
+            F.avg_pool2d(F.relu(method.teacher.body.conv1(batch["m1"])), 2))), 2))), 1)))
+    body = method.student.body
+    x = F.max_pool2d(F.relu(body.conv1(batch["m2"])), 2)
+    x = F.max_pool2d(F.relu(body.conv2(x)), 2)
+    q_s = method.proxy_student(F.max_pool2d(F.relu(body.conv3(x)), 2))
+    y = batch["y"]
+    tau = [kendalltau(a, b).statistic for a, b in zip(q_t.detach().numpy(), q_s.detach().numpy())]
+    mask = torch.tensor([1.0 if t > 0 else 0.0 for t in tau])
+    ntkl = sum(m * (a + b) for m, a, b in zip(mask.tolist(), _explicit_ntkl(q_s.detach(), q_t.detach(), y),
+                                               _explicit_ntkl(q_t.detach(), q_s.detach(), y))) / len(y)
+    assert terms["ce_teacher"].item() == pytest.approx(F.cross_entropy(z_t, y).item(), rel=1e-5)
+    assert terms["ce_student"].item() == pytest.approx(F.cross_entropy(z_s, y).item(), rel=1e-5)
+    assert terms["kl_teacher_proxy"].item() == pytest.approx(mutual_kl(z_t, q_t).item(), rel=1e-5)
+    assert terms["kl_student_proxy"].item() == pytest.approx(mutual_kl(z_s, q_s).item(), rel=1e-5)
+    assert terms["ntkl"].item() == pytest.approx(ntkl, rel=1e-4, abs=1e-7)
+
+
+def test_optimizer_is_sgd_with_c2kd_lr_over_teacher_student_and_proxies():
+    data = synthetic_dataset()
+    method = C2KD.from_setup(_setup(data, "m1"))
+    optimizer = method.configure_optimizer(1e-3)  # the engine's lr is ignored
+    assert isinstance(optimizer, torch.optim.SGD)
+    (group,) = optimizer.param_groups
+    assert (group["lr"], group["momentum"], group["weight_decay"]) == (0.01, 0.9, 0.0)
+    expected = {id(p) for m in (method.teacher, method.student, method.proxy_teacher, method.proxy_student)
+                for p in m.parameters()}
+    assert {id(p) for p in group["params"]} == expected
+
+
+def test_constant_and_poly_learning_rate_schedules():
+    data = synthetic_dataset()
+    split = synthetic_split()
+    batches = math.ceil(len(split["train"]) / 16)
+    for schedule in ("constant", "poly"):
+        method = C2KD.from_setup(_setup(data, "m1", _params(lr_schedule=schedule)))
+        method.prepare(_context(data, epochs=3, batch_size=16))
+        optimizer = method.configure_optimizer(1e-3)
+        batch = data.batch(split["train"][:16])
+        seen = []
+        with torch.no_grad():
+            for epoch in range(2):
+                for _ in range(batches):
+                    method.loss_terms(batch, epoch)
+                    seen.append(optimizer.param_groups[0]["lr"])
+        if schedule == "constant":
+            assert seen == [0.01] * len(seen)
+            assert method.epoch_values(1) == {"lr": 0.01}
+        else:
+            total = 3 * batches
+            expected = [1e-4 + (0.01 - 1e-4) * (1 - step / total) ** 0.9 for step in range(2 * batches)]
+            assert seen == pytest.approx(expected, rel=1e-12)
+            assert seen[0] == 0.01 and method.epoch_values(1)["lr"] == pytest.approx(expected[batches])
+    assert poly_lr(0.01, 1e-4, 0.9, 1.0) == 1e-4
+
+
+def test_poly_schedule_needs_prepare():
+    data = synthetic_dataset()
+    method = C2KD.from_setup(_setup(data, "m1", _params(lr_schedule="poly")))
+    method.configure_optimizer(1e-3)
+    with pytest.raises(RuntimeError, match="prepare"):
+        method.loss_terms(data.batch(torch.arange(4)), 0)
+
+
+def test_selection_switch():
+    data = synthetic_dataset()
+    context = _context(data, epochs=10)
+    default = C2KD.from_setup(_setup(data, "m1"))
+    assert default.validation_score(context, 9) is None  # the engine's min val CE
+    late = C2KD.from_setup(_setup(data, "m1", _params(selection="late_val_accuracy")))
+    assert late.validation_score(context, 7) == math.inf
+    score = late.validation_score(context, 8)
+    assert -1.0 <= score <= 0.0
+    assert late.validation_score(context, 9) < score  # same weights, same accuracy: the later epoch wins
+
+
+def test_engine_run_trains_the_teacher():
+    data = synthetic_dataset()
+    method = C2KD.from_setup(_setup(data, "m2"))
+    teacher_before = copy.deepcopy(method.teacher.state_dict())
+    result = train(method, data, synthetic_split(), EngineConfig(epochs=2, batch_size=16, lr=1e-3), 10,
+                   torch.Generator().manual_seed(0))
+    assert result.history[-1]["lr"] == 0.01 and math.isfinite(result.history[-1]["train_loss"])
+    assert any(not torch.equal(teacher_before[k], v) for k, v in method.teacher.state_dict().items())
+
+
+def test_missing_taps_are_clear_key_errors():
+    data = synthetic_dataset()
+    with pytest.raises(KeyError, match=r"c2kd\.taps\.av_mnist is missing"):
+        C2KD.from_setup(_setup(data, "m1", _params(taps={"av_digits": {}}), dataset="av_mnist"))
+    with pytest.raises(KeyError, match=r"c2kd\.taps\.av_digits\.m2_to_m1 is missing"):
+        C2KD.from_setup(_setup(data, "m1", _params(taps={"av_digits": {}})))
+    bad = {"av_digits": {"m2_to_m1": C2KDTaps(teacher="conv9", student="fc1")}}
+    with pytest.raises(KeyError, match="no module named 'conv9'"):
+        C2KD.from_setup(_setup(data, "m1", _params(taps=bad)))

@@ -1,0 +1,193 @@
+"""DML: the mutual-learning loss, its detach points, the three trained networks, the optimiser's
+equivalence with three separate Adams, the authors' stage-1 variant and the params block."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+
+import pytest
+import torch
+import yaml
+
+from pipeline.methods.base import MethodSetup, TrainContext, check_teacher_config
+from pipeline.methods.dml import VARIANTS, DeepMutualLearning, DMLParams, PeerLoss, mutual_learning_terms
+from pipeline.methods.mst.losses import bidirectional_alignment
+from pipeline.models.registry import build_network
+from pipeline.params import _parse
+from tests.conftest import synthetic_dataset, synthetic_split
+
+# the params.yaml block reported for the integrator, verbatim
+BLOCK = """
+# Deep mutual learning (baselines-spec.md §2.8; not in the authors' code): student + fresh MM network +
+# fresh other-modality network, trained together from scratch.
+dml:
+  teachers:                   # Table 1 row: DML (MM+CM)
+  - mm+cm
+  variant: dml                # dml: Zhang et al. 2018 (T=1, peers detached, mean over peers);
+                              # authors_stage1: MST stage 1 (T=4 x T^2, not detached, sum over peers)
+  kl_weight: 1.0              # lambda on each network's peer KL
+"""
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny batches: one thread is as fast, and far faster when other processes load the CPUs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+SHAPES = {"m1": (1, 28, 28), "m2": (1, 16, 16)}
+ARCHS = {"m1": "lenet5", "m2": "three_layer_cnn_a"}
+
+
+def _params(**changes) -> DMLParams:
+    return dataclasses.replace(_parse(DMLParams, yaml.safe_load(BLOCK)["dml"], "dml", "test"), **changes)
+
+
+def _network(role: str):
+    if role == "mm":
+        return build_network("cnn_i", ["m1", "m2"], 10, [SHAPES["m1"], SHAPES["m2"]])
+    return build_network(ARCHS[role], [role], 10, [SHAPES[role]])
+
+
+def _method(data, target: str, params: DMLParams | None = None) -> DeepMutualLearning:
+    torch.manual_seed(0)
+    setup = MethodSetup(student=_network(target), teacher=None, teacher_config="mm+cm", target=target,
+                        dataset="av_digits", num_classes=10, sample=data.batch(torch.arange(4)),
+                        build_network=_network, method_params=params or _params())
+    return DeepMutualLearning.from_setup(setup)
+
+
+def _step(method, optimizer, batch):
+    terms = method.loss_terms(batch, 0)
+    optimizer.zero_grad()
+    torch.stack(list(terms.values())).sum().backward()
+    optimizer.step()
+    return terms
+
+
+def test_params_block_parses_and_variants_are_as_documented():
+    p = _params()
+    assert (p.teachers, p.variant, p.kl_weight) == (["mm+cm"], "dml", 1.0)
+    assert VARIANTS["dml"] == PeerLoss(temperature=1.0, detach_peers=True, peer_reduction="mean")
+    assert VARIANTS["authors_stage1"] == PeerLoss(temperature=4.0, detach_peers=False, peer_reduction="sum")
+
+
+def test_only_mm_plus_cm_is_supported():
+    check_teacher_config(DeepMutualLearning, "mm+cm")
+    for config in ("mm", "cm"):
+        with pytest.raises(ValueError, match="does not support teacher config"):
+            check_teacher_config(DeepMutualLearning, config)
+
+
+def _explicit(logits, labels, temperature, kl_weight, reduction):
+    """ce_n and kl_n by loops over samples and classes."""
+    def softmax(row, t):
+        exps = [math.exp(v / t) for v in row]
+        return [e / sum(exps) for e in exps]
+
+    out = {}
+    names = list(logits)
+    batch = len(labels)
+    for n in names:
+        own = logits[n].tolist()
+        ce = sum(-math.log(softmax(row, 1.0)[y]) for row, y in zip(own, labels.tolist())) / batch
+        kls = []
+        for m in names:
+            if m == n:
+                continue
+            kl = 0.0
+            for row_n, row_m in zip(own, logits[m].tolist()):
+                p_n, p_m = softmax(row_n, temperature), softmax(row_m, temperature)
+                kl += sum(b * math.log(b / a) for a, b in zip(p_n, p_m))
+            kls.append(kl / batch * temperature**2)
+        out[f"ce_{n}"] = ce
+        out[f"kl_{n}"] = kl_weight * (sum(kls) / len(kls) if reduction == "mean" else sum(kls))
+    return out
+
+
+@pytest.mark.parametrize("peer_loss, kl_weight", [(VARIANTS["dml"], 1.0), (VARIANTS["authors_stage1"], 1.0),
+                                                  (PeerLoss(2.0, True, "mean"), 0.5)])
+def test_loss_matches_explicit_formula(peer_loss, kl_weight):
+    torch.manual_seed(0)
+    logits = {"student": torch.randn(5, 4), "mm": torch.randn(5, 4) * 2, "cm": torch.randn(5, 4)}
+    labels = torch.tensor([0, 3, 1, 1, 2])
+    got = mutual_learning_terms(logits, labels, peer_loss, kl_weight)
+    expected = _explicit(logits, labels, peer_loss.temperature, kl_weight, peer_loss.peer_reduction)
+    assert set(got) == set(expected) == {"ce_student", "kl_student", "ce_mm", "kl_mm", "ce_cm", "kl_cm"}
+    for key, value in expected.items():
+        assert got[key].item() == pytest.approx(value, rel=1e-5), key
+
+
+def test_authors_stage1_equals_mst_stage1_alignment():
+    """The summed peer terms of `authors_stage1` are MST stage 1's symmetric, undetached T = 4 alignment."""
+    torch.manual_seed(1)
+    logits = {"mm": torch.randn(6, 5), "student": torch.randn(6, 5), "cm": torch.randn(6, 5)}
+    terms = mutual_learning_terms(logits, torch.zeros(6, dtype=torch.long), VARIANTS["authors_stage1"])
+    total = terms["kl_student"] + terms["kl_mm"] + terms["kl_cm"]
+    assert total.item() == pytest.approx(bidirectional_alignment(list(logits.values()), 4.0).item(), rel=1e-6)
+
+
+def test_detached_peers_get_no_gradient_from_another_networks_kl():
+    data = synthetic_dataset()
+    batch = data.batch(torch.arange(8))
+    for variant, crosses in (("dml", False), ("authors_stage1", True)):
+        method = _method(data, "m1", _params(variant=variant))
+        method.loss_terms(batch, 0)["kl_student"].backward()
+        assert all(p.grad is not None for p in method.student.parameters())
+        peers_have_grad = [p.grad is not None and bool(p.grad.abs().sum() > 0)
+                           for net in (method.mm_network, method.cm_network) for p in net.parameters()]
+        assert any(peers_have_grad) == crosses, variant
+
+
+@pytest.mark.parametrize("target", ["m1", "m2"])
+def test_builds_three_networks_and_all_of_them_train(target):
+    data = synthetic_dataset()
+    method = _method(data, target)
+    other = "m2" if target == "m1" else "m1"
+    assert method.student.inputs == (target,) and method.cm_network.inputs == (other,)
+    assert method.mm_network.inputs == ("m1", "m2")
+    method.prepare(TrainContext(data, synthetic_split(), 16, 2, 1e-3, 10, torch.Generator().manual_seed(0)))
+    optimizer = method.configure_optimizer(1e-3)
+    assert isinstance(optimizer, torch.optim.Adam) and len(optimizer.param_groups) == 3
+    assert all(g["lr"] == 1e-3 for g in optimizer.param_groups)
+    before = {n: copy.deepcopy(getattr(method, n).state_dict()) for n in ("student", "mm_network", "cm_network")}
+    method.train()
+    batch = data.batch(synthetic_split()["train"][:16])
+    for _ in range(2):
+        terms = _step(method, optimizer, batch)
+    assert all(torch.isfinite(v) for v in terms.values())
+    for name, state in before.items():
+        assert any(not torch.equal(state[k], v) for k, v in getattr(method, name).state_dict().items()), name
+
+
+def test_deterministic_build_order():
+    data = synthetic_dataset()
+    a, b = _method(data, "m2"), _method(data, "m2")
+    for x, y in zip(a.state_dict().values(), b.state_dict().values()):
+        assert torch.equal(x, y)
+
+
+def test_one_adam_equals_three_separate_adams():
+    data = synthetic_dataset()
+    batch = data.batch(synthetic_split()["train"][:16])
+    joint = _method(data, "m1")
+    separate = copy.deepcopy(joint)
+    joint_optimizer = joint.configure_optimizer(1e-3)
+    nets = (separate.student, separate.mm_network, separate.cm_network)
+    optimizers = [torch.optim.Adam(net.parameters(), lr=1e-3, fused=True) for net in nets]
+    for _ in range(2):
+        _step(joint, joint_optimizer, batch)
+        terms = separate.loss_terms(batch, 0)
+        for name, optimizer in zip(("student", "mm", "cm"), optimizers):
+            optimizer.zero_grad()
+            (terms[f"ce_{name}"] + terms[f"kl_{name}"]).backward(retain_graph=True)
+            optimizer.step()
+    for name in ("student", "mm_network", "cm_network"):
+        expected = getattr(separate, name).state_dict()
+        for key, value in getattr(joint, name).state_dict().items():
+            torch.testing.assert_close(value, expected[key], rtol=0, atol=0, msg=f"{name}.{key}")
