@@ -4,7 +4,9 @@ Usage (from the repository root, with the environment installed):
     python benchmarks/pipeline_walltime.py            # clones HEAD into a temporary folder
     python benchmarks/pipeline_walltime.py --keep     # keep the clone (its path is printed)
 
-Prints the two wall times, each stage's time and the per-run training times recorded in MLflow.
+Runs the stages one by one in `dvc repro`'s order (`--single-item`), so each stage's time is known;
+the total is their sum. Prints it, the no-op repro time, and each kind of training run's own wall time
+as recorded in MLflow (`wall_time_s`; runs of one stage may overlap in worker processes).
 """
 
 from __future__ import annotations
@@ -43,10 +45,15 @@ def main() -> None:
     subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
     print(f"fresh clone of {REPO} at {clone} (HEAD {subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=clone, capture_output=True, text=True).stdout.strip()})")
     print(f"cpus: {os.cpu_count()}  python: {sys.version.split()[0]}")
-    first, out = run(["dvc", "repro", "--force"], clone, env)
-    stages = re.findall(r"Running stage '([^']+)'", out)
+    _, dry = run(["dvc", "repro", "--dry", "--force"], clone, env)
+    stages = re.findall(r"Running stage '([^']+)'", dry)
+    first = 0.0
+    for stage in stages:
+        elapsed, _ = run(["dvc", "repro", "--single-item", stage], clone, env)
+        first += elapsed
+        print(f"  {stage:28s} {elapsed:7.1f} s", flush=True)
     second, out2 = run(["dvc", "repro"], clone, env)
-    print(f"dvc repro (fresh clone, all stages): {first:7.1f} s   stages run: {', '.join(stages)}")
+    print(f"dvc repro (fresh clone, all {len(stages)} stages): {first:7.1f} s")
     print(f"dvc repro (nothing changed)        : {second:7.1f} s   stages run: "
           f"{len(re.findall('Running stage', out2))}")
     from mlflow.tracking import MlflowClient
@@ -59,8 +66,9 @@ def main() -> None:
         if r.data.tags.get("run.role") != "training":
             continue
         key = f"{r.data.tags['run.stage']}/{r.data.tags['run.method']}/{r.data.tags['run.target']}"
-        per_kind.setdefault(key, []).append((r.info.end_time - r.info.start_time) / 1000)
-    print("per-run wall time (mean over seeds, includes logging):")
+        if "wall_time_s" in r.data.metrics:
+            per_kind.setdefault(key, []).append(r.data.metrics["wall_time_s"])
+    print("per-run wall time (mean over seeds, training and evaluation):")
     for key, values in per_kind.items():
         print(f"  {key:32s} {sum(values) / len(values):6.1f} s  x{len(values)}")
     total = sum(sum(v) for v in per_kind.values())
