@@ -26,7 +26,7 @@ from pipeline.data.splits import make_permutations, read_split_column, split_pos
 from pipeline.data.tensors import DeviceDataset
 from pipeline.methods.base import DistillationMethod, MethodSetup, check_teacher_config, method_class
 from pipeline.models.registry import Network, build_network
-from pipeline.params import Params
+from pipeline.params import Params, TrainingParams
 from pipeline.reporting.figures import confusion_matrix_png
 from pipeline.tracking.base import Tracker
 from pipeline.training.checkpoints import load_checkpoint, save_checkpoint
@@ -113,11 +113,12 @@ def build_role_network(loaded: LoadedDataset, role: str) -> Network:
 def run_training(params: Params, loaded: LoadedDataset, tracker: Tracker, *, stage: str, method_name: str,
                  teacher: str, target: str, seed: int, make_method: Callable[[], DistillationMethod],
                  run_params: dict, figures: Callable[[TrainResult, Path], list[Path]] | None = None,
-                 ) -> tuple[RunRecord, TrainResult, DistillationMethod]:
+                 config: TrainingParams | None = None) -> tuple[RunRecord, TrainResult, DistillationMethod]:
     """Seed, build (via `make_method`), train and evaluate one network, recording it as one tracked run.
+    `config`: optimisation settings (default: the dataset's student `training` block).
     `figures(result, folder)` may add PNGs (written under `folder`) to the run's artifacts."""
     spec = loaded.spec
-    cfg = params.training[spec.key]
+    cfg = config or params.training[spec.key]
     # validation batches have the training batch size, as in the authors' loaders: the selection score is
     # a mean of per-batch means (the last, partial batch weighs as much as a full one; quirk Q9)
     engine = EngineConfig(cfg.epochs, cfg.batch_size, cfg.lr, selection=params.engine.selection,
@@ -166,23 +167,36 @@ def run_jobs(params: Params, loaded: LoadedDataset, jobs: list, tracker: Tracker
 
 
 def train_teachers(params: Params, loaded: LoadedDataset, models_dir: Path, tracker: Tracker) -> list[RunRecord]:
-    """Per seed, train the multimodal network and both unimodal networks from scratch with CE.
-    The unimodal runs are the "w/o KD" rows and the cross-modal teachers."""
+    """Per seed, train the multimodal network and both unimodal networks from scratch with CE, with the
+    `teacher_training` settings: the MM and CM teachers. The "w/o KD" rows of Table 1 (stage `wo_kd`) are
+    the unimodal networks trained with the students' `training` settings: the same runs when both blocks
+    agree (as on AV-MNIST), else trained here too."""
     ce = method_class("ce")
+    teacher_cfg, student_cfg = params.teacher_training[loaded.spec.key], params.training[loaded.spec.key]
 
-    def job(seed: int, role: str):
-        def run(tracker: Tracker) -> RunRecord:
-            record, result, method = run_training(params, loaded, tracker, stage="teachers", method_name="ce",
+    def job(seed: int, role: str, stage: str):
+        def run(tracker: Tracker) -> list[RunRecord]:
+            record, result, method = run_training(params, loaded, tracker, stage=stage, method_name="ce",
                                                   teacher="none", target=role, seed=seed,
                                                   make_method=lambda: ce(build_role_network(loaded, role)),
-                                                  run_params={})
+                                                  run_params={}, config=teacher_cfg if stage == "teachers" else
+                                                  student_cfg)
+            if stage == "wo_kd":
+                return [record]
             save_checkpoint(models_dir / f"seed{seed}" / f"{role}.pt", method.student, result.best_state,
                             loaded.input_shapes(method.student.inputs), loaded.spec.num_classes)
-            return record
+            if role != "mm" and teacher_cfg == student_cfg:
+                return [record, dataclasses.replace(record, stage="wo_kd")]
+            return [record]
         return run
 
-    return run_jobs(params, loaded, [job(seed, role) for seed in params.seeds for role in ("mm", "m1", "m2")],
-                    tracker)
+    # the slow multimodal runs first, so the worker processes finish together
+    jobs = [job(seed, role, "teachers") for role in ("mm", "m2", "m1") for seed in params.seeds]
+    if teacher_cfg != student_cfg:
+        jobs += [job(seed, role, "wo_kd") for role in ("m2", "m1") for seed in params.seeds]
+    records = [r for group in run_jobs(params, loaded, jobs, tracker) for r in group]
+    order = {"teachers": 0, "wo_kd": 1}
+    return sorted(records, key=lambda r: (order[r.stage], r.seed, ("mm", "m1", "m2").index(r.target)))
 
 
 def load_teacher(loaded: LoadedDataset, teachers_dir: Path, seed: int, role: str) -> Network:

@@ -48,7 +48,7 @@ def _tags(spec: DatasetSpec, stage: str, target: str, seed: int, device) -> dict
 
 def stage1(params: Params, loaded: LoadedDataset, models_dir: Path, tracker: Tracker) -> list[dict]:
     """Collaborative initialisation per seed; saves models_dir/seed<s>/{mm,m1,m2}.pt."""
-    spec, mst, cfg = loaded.spec, params.mst_effective(), params.training[loaded.spec.key]
+    spec, mst, cfg = loaded.spec, params.mst_effective(), params.teacher_training[loaded.spec.key]
 
     def job(seed: int):
         def run(tracker: Tracker) -> list[dict]:
@@ -101,7 +101,7 @@ def _teacher_groups(params: Params, loaded: LoadedDataset, networks_dir: Path, s
 
 def stage2(params: Params, loaded: LoadedDataset, stage1_dir: Path, masks_dir: Path, tracker: Tracker) -> list[dict]:
     """Specialised teacher adaptation per seed and target; saves masks_dir/seed<s>/<target>.pt."""
-    spec, mst, cfg = loaded.spec, params.mst_effective(), params.training[loaded.spec.key]
+    spec, mst, cfg = loaded.spec, params.mst_effective(), params.teacher_training[loaded.spec.key]
 
     def job(seed: int, target: str):
         def run(tracker: Tracker) -> dict:
@@ -212,47 +212,58 @@ ABLATION_SETTINGS: dict[str, tuple[bool, bool, bool]] = {
 
 def stage_ablation(params: Params, loaded: LoadedDataset, teachers_dir: Path, stage1_dir: Path, masks_dir: Path,
                    tracker: Tracker) -> list[dict]:
-    """Every setting of ABLATION_SETTINGS per seed and target (Table 3; the full method is stage 3)."""
-    mst, spec, cfg = params.mst_effective(), loaded.spec, params.training[loaded.spec.key]
+    """Every setting of ABLATION_SETTINGS per seed and target (Table 3; the full method is stage 3). Students
+    train with the `training` settings; the MaskNets of the settings with S2 but without S1 are fitted once
+    per seed and target (stage 2 on the independently trained teachers) and shared by those settings."""
+    mst, spec, cfg = params.mst_effective(), loaded.spec, params.teacher_training[loaded.spec.key]
 
-    def job(seed: int, target: str, setting: str):
+    def independent_masks(seed: int, target: str, tracker: Tracker) -> list[TeacherGroup]:
+        """Stage 2 against independently trained networks: the target's w/o-KD network is the student."""
+        seed_everything(seed, params.deterministic)
+        groups = _teacher_groups(params, loaded, teachers_dir, seed, target)
+        name = f"mst_ablation/stage2/{spec.modality_name(target)}/seed{seed}"
+        with tracker.run(name, {**_identity(spec, "mst_ablation", spec.modality_name(target), seed, mst.teacher_set),
+                                **_run_params(params), "setting": "stage2_without_s1"},
+                         _tags(spec, "mst_ablation", spec.modality_name(target), seed, loaded.data.device)) as run:
+            specialist_adaptation(_stage1_network(loaded, teachers_dir, seed, target), groups, loaded.data,
+                                  loaded.splits[seed], epochs=mst.stage2_epochs[spec.key], batch_size=cfg.batch_size,
+                                  lr=mst.stage2_lr, temperature=mst.temperature,
+                                  generator=torch.Generator().manual_seed(seed),
+                                  on_epoch=lambda e, m: run.log_metrics(m, step=e))
+        return groups
+
+    def setting_run(seed: int, target: str, setting: str, shared: dict, tracker: Tracker) -> dict:
         s1, s2, s3 = ABLATION_SETTINGS[setting]
-        networks_dir = stage1_dir if s1 else teachers_dir
-
-        def run(tracker: Tracker) -> dict:
-            seed_everything(seed, params.deterministic)
-            groups = _teacher_groups(params, loaded, networks_dir, seed, target)
-            if s2 and s1:
+        if s2 and not s1:
+            if "groups" not in shared:
+                shared["groups"] = independent_masks(seed, target, tracker)
+            groups = shared["groups"]
+        else:
+            groups = _teacher_groups(params, loaded, stage1_dir if s1 else teachers_dir, seed, target)
+            if s2:
                 _load_masks(groups, masks_dir / f"seed{seed}" / f"{target}.pt")
-            elif s2:  # stage 2 against independently trained networks: the target's w/o-KD network is the student
-                name = f"mst_ablation/{setting}/stage2/{spec.modality_name(target)}/seed{seed}"
-                with tracker.run(name, {**_identity(spec, "mst_ablation", spec.modality_name(target), seed,
-                                                    mst.teacher_set), **_run_params(params), "setting": setting},
-                                 _tags(spec, "mst_ablation", spec.modality_name(target), seed,
-                                       loaded.data.device)) as run:
-                    specialist_adaptation(_stage1_network(loaded, teachers_dir, seed, target), groups, loaded.data,
-                                          loaded.splits[seed], epochs=mst.stage2_epochs[spec.key],
-                                          batch_size=cfg.batch_size, lr=mst.stage2_lr, temperature=mst.temperature,
-                                          generator=torch.Generator().manual_seed(seed),
-                                          on_epoch=lambda e, m: run.log_metrics(m, step=e))
-            ways = _ways(groups, mst.stacked_hooks) if s2 else [g.network for g in groups]
+        ways = _ways(groups, mst.stacked_hooks) if s2 else [g.network for g in groups]
 
-            def make_method():
-                student = (_stage1_network(loaded, stage1_dir, seed, target) if s1
-                           else build_role_network(loaded, target))
-                if s3:
-                    return _dynamic(params, student, ways, spec.num_classes)
-                return AveragedDistillation(student, ways, temperature=mst.temperature,
-                                            weights=LossWeights(mst.lambda_kd, mst.lambda_lb, mst.decay_after_epoch0),
-                                            cache=params.engine.cache_frozen_outputs)
+        def make_method():
+            student = _stage1_network(loaded, stage1_dir, seed, target) if s1 else build_role_network(loaded, target)
+            if s3:
+                return _dynamic(params, student, ways, spec.num_classes)
+            return AveragedDistillation(student, ways, temperature=mst.temperature,
+                                        weights=LossWeights(mst.lambda_kd, mst.lambda_lb, mst.decay_after_epoch0),
+                                        cache=params.engine.cache_frozen_outputs)
 
-            record, _, _ = run_training(params, loaded, tracker, stage="mst_ablation", method_name=f"mst_{setting}",
-                                        teacher=mst.teacher_set, target=target, seed=seed, make_method=make_method,
-                                        run_params={**_run_params(params), "setting": setting, "S1": s1, "S2": s2,
-                                                    "S3": s3})
-            return {**dataclasses.asdict(record), "setting": setting, "S1": s1, "S2": s2, "S3": s3}
+        record, _, _ = run_training(params, loaded, tracker, stage="mst_ablation", method_name=f"mst_{setting}",
+                                    teacher=mst.teacher_set, target=target, seed=seed, make_method=make_method,
+                                    run_params={**_run_params(params), "setting": setting, "S1": s1, "S2": s2,
+                                                "S3": s3})
+        return {**dataclasses.asdict(record), "setting": setting, "S1": s1, "S2": s2, "S3": s3}
+
+    def job(seed: int, target: str):
+        def run(tracker: Tracker) -> list[dict]:
+            shared: dict = {}
+            return [setting_run(seed, target, setting, shared, tracker) for setting in ABLATION_SETTINGS]
         return run
 
-    jobs = [job(seed, target, setting) for seed in params.seeds for target in ("m1", "m2")
-            for setting in ABLATION_SETTINGS]
-    return run_jobs(params, loaded, jobs, tracker)
+    jobs = [job(seed, target) for seed in params.seeds for target in ("m2", "m1")]
+    records = [r for group in run_jobs(params, loaded, jobs, tracker) for r in group]
+    return sorted(records, key=lambda r: (r["seed"], r["target"], list(ABLATION_SETTINGS).index(r["setting"])))

@@ -82,8 +82,11 @@ def replay(runs: Sequence[RecordedRun], tracker: Tracker) -> None:
     for record in runs:
         try:
             with tracker.run(record.name, record.params, record.tags) as logger:
-                for metrics, step in record.metrics:
-                    logger.log_metrics(metrics, step=step)
+                if hasattr(logger, "log_metric_series"):  # one request instead of one per epoch
+                    logger.log_metric_series(record.metrics)
+                else:
+                    for metrics, step in record.metrics:
+                        logger.log_metrics(metrics, step=step)
                 with tempfile.TemporaryDirectory() as tmp:
                     for name, data in record.artifacts:
                         path = Path(tmp) / name

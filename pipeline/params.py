@@ -128,6 +128,7 @@ class Params:
     av_digits: AVDigitsParams
     splits: SplitParams
     training: dict[str, TrainingParams]
+    teacher_training: dict[str, TrainingParams]
     engine: EngineParams
     topk: int = field(metadata=POSITIVE)
     fidelity: Literal["paper", "official"]
@@ -282,9 +283,14 @@ def _cross_checks(p: Params, source: str) -> None:
             raise _fail(source, f"datasets.{name}", f"unknown dataset{hint}; known: {', '.join(DATASETS)}")
         if name not in p.training:
             raise _fail(source, f"training.{name}", f"missing: dataset {name!r} is enabled but has no training block")
-    for name in p.training:
-        if name not in DATASETS:
-            raise _fail(source, f"training.{name}", f"unknown dataset; known: {', '.join(DATASETS)}")
+    for block in ("training", "teacher_training"):
+        for name in getattr(p, block):
+            if name not in DATASETS:
+                raise _fail(source, f"{block}.{name}", f"unknown dataset; known: {', '.join(DATASETS)}")
+    for name in p.datasets:
+        if name not in p.teacher_training:
+            raise _fail(source, f"teacher_training.{name}", f"missing: dataset {name!r} is enabled but has no "
+                                                            "teacher_training block")
     for name in p.datasets:
         for block in ("hidden_factor", "hooks", "stage1_epochs", "stage2_epochs"):
             if name not in getattr(p.mst, block):

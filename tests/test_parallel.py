@@ -22,6 +22,7 @@ def _params(workers: int):
     raw = copy.deepcopy(raw)
     raw.update(seeds=[0, 1], workers=workers)
     raw["training"]["av_digits"].update(epochs=2, batch_size=16)
+    raw["teacher_training"]["av_digits"].update(epochs=2, batch_size=16)
     return parse_params(raw)
 
 
@@ -41,7 +42,9 @@ def test_teachers_trained_in_two_workers_equal_the_serial_ones(tmp_path):
     serial, serial_runs = _train(tmp_path, 1)
     forked, forked_runs = _train(tmp_path, 2)
     assert [dataclasses.asdict(r) for r in serial] == [dataclasses.asdict(r) for r in forked]
-    assert len(serial) == 6
+    # 3 networks per seed; the unimodal ones double as the w/o KD rows (same settings for students and teachers)
+    assert [(r.stage, r.target) for r in serial if r.seed == 0] == [("teachers", "mm"), ("teachers", "m1"),
+                                                                   ("teachers", "m2"), ("wo_kd", "m1"), ("wo_kd", "m2")]
     for seed in (0, 1):
         for role in ("mm", "m1", "m2"):
             a = (tmp_path / "w1" / f"seed{seed}" / f"{role}.pt").read_bytes()
@@ -80,3 +83,15 @@ def test_workers_resolution():
     assert resolve_workers(0, torch.device("cpu"), 100) >= 1
     assert resolve_workers(4, torch.device("cpu"), 3) == 3
     assert resolve_workers(4, torch.device("cuda"), 10) == 1
+
+
+def test_students_with_other_settings_get_their_own_wo_kd_runs(tmp_path):
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw.update(seeds=[0], workers=1)
+    raw["training"]["av_digits"].update(epochs=1, batch_size=32)
+    raw["teacher_training"]["av_digits"].update(epochs=2, batch_size=16)
+    tracker = RecordingTracker()
+    records = train_teachers(parse_params(raw), _loaded(), tmp_path, tracker)
+    assert [(r.stage, r.target, r.epochs) for r in records] == [
+        ("teachers", "mm", 2), ("teachers", "m1", 2), ("teachers", "m2", 2), ("wo_kd", "m1", 1), ("wo_kd", "m2", 1)]
+    assert sorted(p.name for p in (tmp_path / "seed0").iterdir()) == ["m1.pt", "m2.pt", "mm.pt"]

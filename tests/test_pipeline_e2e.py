@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline.methods import METHODS
+from pipeline.reporting.tables import TABLE1_ROWS
 from tests.conftest import REPO
 
 SEEDS = [0, 1]
@@ -54,8 +56,12 @@ def clone(tmp_path_factory) -> Path:
     params["seeds"] = SEEDS
     params["av_digits"]["samples_per_class"] = 8
     params["training"]["av_digits"].update(epochs=2, batch_size=16)
+    params["teacher_training"]["av_digits"].update(epochs=2, batch_size=16)
     params["mst"]["stage1_epochs"]["av_digits"] = 2
     params["mst"]["stage2_epochs"]["av_digits"] = 1
+    params["fitnets"]["hint_epochs"]["av_digits"] = 1
+    params["mgdfr"]["co_epochs"]["av_digits"] = 1
+    params["mgdfr"]["repeat_permute"]["av_digits"] = 1
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _run(["git", "init", "-q"], root)
     _run(["git", "add", "-A"], root)
@@ -74,7 +80,7 @@ def _mlflow_runs(root: Path) -> list:
 
 def test_table1_has_every_row_for_both_targets(clone):
     rows = list(csv.DictReader((clone / "reports" / "table1.csv").open()))
-    assert [r["method"] for r in rows] == ["w/o KD", "KD (MM)", "KD (CM)", "MST-Distill (MM+CM)"]
+    assert [r["method"] for r in rows] == [row.label for row in TABLE1_ROWS]  # every row, every cell filled
     for row in rows:
         for target in ("image", "audio"):
             assert 0.0 <= float(row[f"av_digits/{target}/mean"]) <= 100.0
@@ -106,9 +112,11 @@ def test_table3_and_routing_figures(clone):
 def test_every_run_is_in_mlflow_with_params_metrics_tags_and_artifacts(clone):
     client, runs = _mlflow_runs(clone)
     children = [r for r in runs if r.data.tags.get("run.role") == "training"]
-    # per seed: 3 networks alone, KD with MM/CM for 2 targets, MST stage 1 once, stages 2 and 3 per target,
-    # the 7 ablation settings per target plus their 2 own stage-2 runs per target
-    assert len(children) == len(SEEDS) * (3 + 4 + 1 + 2 + 2 + 7 * 2 + 2 * 2)
+    # per seed: 3 networks alone; each method once per teacher config and target; MST stage 1 once, stages 2
+    # and 3 per target; the 7 ablation settings per target plus one own stage-2 run per target
+    params = yaml.safe_load((clone / "params.yaml").read_text())
+    distill_runs = sum(2 * len(params[name]["teachers"]) for name, cls in METHODS.items() if cls.params_type)
+    assert len(children) == len(SEEDS) * (3 + distill_runs + 1 + 2 + 2 + 7 * 2 + 2)
     names = {r.info.run_name for r in children}
     assert {"teachers/ce/none/multimodal/seed0", "distill/kd/cm/audio/seed1"} <= names
     mst_s3 = [r for r in children if r.data.tags["run.stage"] == "mst_s3"]
@@ -121,8 +129,8 @@ def test_every_run_is_in_mlflow_with_params_metrics_tags_and_artifacts(clone):
             continue
         assert {"seed", "method", "teacher", "target", "train.lr", "train.epochs"} <= set(run.data.params)
         assert {"git.commit", "dvc.stage", "torch.version", "device", "mlflow.parentRunId"} <= set(run.data.tags)
-        assert run.data.tags["dvc.stage"] in ("teachers@av_digits", "distill@av_digits-kd", "mst_s3@av_digits",
-                                              "mst_ablation@av_digits")
+        assert (run.data.tags["dvc.stage"] in ("teachers@av_digits", "mst_s3@av_digits", "mst_ablation@av_digits")
+                or run.data.tags["dvc.stage"] == f"distill@av_digits-{run.data.params['method']}")
         assert "test_accuracy" in run.data.metrics
         history = client.get_metric_history(run.info.run_id, "val_loss")
         assert [m.step for m in history] == [0, 1]

@@ -17,8 +17,8 @@ def _run(method, teacher, target, seed, acc, stage="distill"):
             "seed": seed, "test_accuracy": acc}
 
 
-RUNS = ([_run("ce", "none", t, s, a, "teachers") for t, accs in (("m1", (0.60, 0.62)), ("m2", (0.40, 0.44)))
-         for s, a in enumerate(accs)]
+RUNS = ([_run("ce", "none", t, s, a, stage) for t, accs in (("m1", (0.60, 0.62)), ("m2", (0.40, 0.44)))
+         for s, a in enumerate(accs) for stage in ("teachers", "wo_kd")]
         + [_run("ce", "none", "mm", s, a, "teachers") for s, a in enumerate((0.70, 0.72))]
         + [_run("kd", "mm", "m1", s, a) for s, a in enumerate((0.64, 0.66))]
         + [_run("kd", "cm", "m1", s, a) for s, a in enumerate((0.50, 0.52))]
@@ -81,3 +81,8 @@ def test_table3_means_over_targets_and_seeds_and_marks_the_best():
     assert lines[2] == "| Baseline | ✗ | ✗ | ✗ | <u>52.00 ± 2.83</u> | <u>32.00 ± 2.83</u> | <u>42.00 ± 2.83</u> |"
     assert lines[3].startswith("| (a) | ✓ | ✗ | ✗ | – |")
     assert lines[9] == "| MST-Distill | ✓ | ✓ | ✓ | **62.00 ± 2.83** | **42.00 ± 2.83** | **52.00 ± 2.83** |"
+
+
+def test_wo_kd_row_reads_only_the_wo_kd_runs():
+    runs = [_run("ce", "none", "m1", 0, 0.90, "teachers"), _run("ce", "none", "m1", 0, 0.60, "wo_kd")]
+    assert table1(runs, ["av_digits"])["av_digits"]["image"]["wo_kd"]["mean"] == 60.0

@@ -24,11 +24,12 @@ class Row:
     key: str         # metrics key
     method: str
     teacher: str     # "none", "mm", "cm", "mm+cm"
+    stage: str | None = None  # only runs of this stage (w/o KD: not the teachers' own runs)
 
 
 # The paper's Table 1 rows, in its order; later methods add rows here.
 TABLE1_ROWS = (
-    Row("w/o KD", "wo_kd", "ce", "none"),
+    Row("w/o KD", "wo_kd", "ce", "none", stage="wo_kd"),
     Row("KD (MM)", "kd_mm", "kd", "mm"),
     Row("KD (CM)", "kd_cm", "kd", "cm"),
     Row("MLLD (MM)", "mlld_mm", "mlld", "mm"),
@@ -79,7 +80,7 @@ def summarise(values: list[float]) -> dict[str, float]:
 
 def _cell_runs(runs: list[dict], dataset: str, row: Row, target: str) -> list[dict]:
     return [r for r in runs if r["dataset"] == dataset and r["method"] == row.method
-            and r["teacher"] == row.teacher and r["target"] == target]
+            and r["teacher"] == row.teacher and r["target"] == target and row.stage in (None, r["stage"])]
 
 
 def table1(runs: list[dict], datasets: list[str]) -> dict:
