@@ -128,14 +128,16 @@ def run_jobs(jobs: Sequence[Job], tracker: Tracker, workers: int, threads_per_ru
         return [job(tracker) for job in jobs]
     global _JOBS
     _JOBS = jobs
+    outcomes = []
     try:
         context = multiprocessing.get_context("fork")
         with context.Pool(workers, initializer=_worker_init, initargs=(threads_per_run,)) as pool:
-            outcomes = pool.map(_run_job, range(len(jobs)), chunksize=1)
+            # replay each job's runs as soon as it (and every earlier job) is done, while later jobs still train
+            for outcome in pool.imap(_run_job, range(len(jobs)), chunksize=1):
+                replay(outcome[1], tracker)
+                outcomes.append(outcome)
     finally:
         _JOBS = ()
-    for _, runs, _ in outcomes:
-        replay(runs, tracker)
     for _, _, error in outcomes:
         if error is not None:
             raise error

@@ -70,3 +70,17 @@ def test_device_auto_picks_cpu_without_cuda():
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="CUDA is not available"):
             resolve_device("cuda")
+
+
+def test_evaluate_loss_is_the_mean_of_per_batch_means_however_it_is_chunked():
+    """40 samples in batches of 16: the authors' score weighs the last batch of 8 like a full one."""
+    data = synthetic_dataset()
+    seed_everything(0)
+    net = build_network("lenet5", ["m1"], 10, [(1, 28, 28)]).eval()
+    index = torch.arange(40)
+    with torch.no_grad():
+        naive = [torch.nn.functional.cross_entropy(net(data.batch(index[i:i + 16])), data.y[index[i:i + 16]]).item()
+                 for i in range(0, 40, 16)]
+    expected = sum(naive) / len(naive)
+    for chunk in (7, 16, 1024):
+        assert evaluate(net, data, index, 10, batch_size=16, chunk_size=chunk).loss == pytest.approx(expected, rel=1e-6)

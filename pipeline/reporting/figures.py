@@ -16,6 +16,7 @@ def confusion_matrix_png(confusion: np.ndarray, path: Path, title: str) -> Path:
 
     n = confusion.shape[0]
     fig, ax = plt.subplots(figsize=(4.2, 3.8), dpi=100)
+    fig.subplots_adjust(left=0.14, right=0.97, bottom=0.13, top=0.91)  # fixed margins: tight_layout costs 0.3 s
     ax.imshow(confusion, cmap="Blues")
     for i in range(n):
         for j in range(n):
@@ -24,7 +25,6 @@ def confusion_matrix_png(confusion: np.ndarray, path: Path, title: str) -> Path:
     ax.set(xlabel="predicted", ylabel="true", title=title, xticks=range(n), yticks=range(n))
     ax.tick_params(labelsize=6)
     ax.title.set_fontsize(8)
-    fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
