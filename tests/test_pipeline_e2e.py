@@ -188,13 +188,3 @@ def test_topk_override_reruns_only_stage_3(clone):
     top2 = [r for r in runs if r.data.tags.get("dvc.exp_name") == "top2" and r.data.tags.get("run.role") == "training"]
     assert all(r.data.params["topk"] == "2" for r in top2)
     assert len([r for r in top2 if r.data.tags["run.stage"] == "mst_s3"]) == 2 * len(SEEDS)
-
-
-def test_dvc_exp_run_with_a_seeds_override(clone):
-    _run(["dvc", "exp", "run", "-S", "seeds=[1]", "-n", "one-seed"], clone)
-    rows = list(csv.DictReader((clone / "reports" / "table1.csv").open()))
-    assert all(int(r["av_digits/image/n"]) == 1 for r in rows)
-    shown = _run(["dvc", "exp", "show", "--json"], clone).stdout
-    assert "one-seed" in shown
-    _, runs = _mlflow_runs(clone)
-    assert any(r.data.tags.get("dvc.exp_name") == "one-seed" for r in runs)
