@@ -165,8 +165,10 @@ def teachers_markdown(summary: dict) -> str:
         for role, cell in roles.items():
             lines.append(f"| {dataset_spec(dataset).display_name} | {DISPLAY_NAMES[cell['network']]} | {role} | "
                          f"{cell['mean']:.2f} ± {cell['std']:.2f} |")
-    lines += ["", "Each network trained alone with cross-entropy (mean ± sample std over seeds). The unimodal "
-                  "networks are the \"w/o KD\" rows of Table 1 and the cross-modal teachers."]
+    lines += ["", "Each network trained alone with cross-entropy at the teachers' settings (`teacher_training`), mean ± "
+                  "sample std over seeds: the multimodal (MM) and cross-modal (CM) teachers. The \"w/o KD\" rows of "
+                  "Table 1 are the unimodal networks at the students' settings (`training`); where both settings "
+                  "agree they are the same runs."]
     return "\n".join(lines) + "\n"
 
 
@@ -284,6 +286,6 @@ def write_reports(results_dir: Path, out_dir: Path, datasets: list[str]) -> dict
             mean, std, labels = routing
             n = len({r["seed"] for r in runs if r["stage"] == "mst_s3" and r["dataset"] == dataset})
             routing_curves_png(mean, labels, out_dir / "figures" / f"routing_{dataset}_{spec.modalities[target]}.png",
-                               f"{spec.display_name}, {spec.modalities[target]} student: routing per epoch "
-                               f"(mean ± std over {n} seeds)", spread=std)
+                               f"{spec.display_name}, {spec.modalities[target]} student: share of top-k picks\n"
+                               f"per specialised teacher (mean ± std over {n} seeds)", spread=std)
     return metrics
