@@ -4,7 +4,9 @@ Usage (from the repository root, with the environment installed):
     python benchmarks/pipeline_walltime.py            # clones HEAD into a temporary folder
     python benchmarks/pipeline_walltime.py --keep     # keep the clone (its path is printed)
 
-Runs the stages one by one in `dvc repro`'s order (`--single-item`), so each stage's time is known;
+Runs the stages one by one in `dvc repro`'s order (`--force --single-item`: the pipeline is deterministic,
+so without --force a clean clone would skip stages whose committed results it reproduces), so each
+stage's time is known;
 the total is their sum. Prints it, the no-op repro time, and each kind of training run's own wall time
 as recorded in MLflow (`wall_time_s`; runs of one stage may overlap in worker processes).
 """
@@ -49,7 +51,7 @@ def main() -> None:
     stages = re.findall(r"Running stage '([^']+)'", dry)
     first = 0.0
     for stage in stages:
-        elapsed, _ = run(["dvc", "repro", "--single-item", stage], clone, env)
+        elapsed, _ = run(["dvc", "repro", "--force", "--single-item", stage], clone, env)
         first += elapsed
         print(f"  {stage:28s} {elapsed:7.1f} s", flush=True)
     second, out2 = run(["dvc", "repro"], clone, env)
