@@ -21,27 +21,10 @@ from pipeline.methods.base import (
 )
 from pipeline.methods.frozen import FrozenOutputs
 from pipeline.methods.kd import AlphaSchedule
+from pipeline.methods.tapped_features import FeatureTap, L2Embedding, PairTaps, TappedNetwork
 from pipeline.models.registry import Network
-from pipeline.models.taps import FeatureTaps
 
 NCE_EPS = 1e-7  # RepDistiller's eps in the NCE loss
-
-
-@dataclass(frozen=True)
-class CRDTap:
-    """One tapped feature: the output of module `module` (relative to `net.body`), max-pooled with a
-    `pool`×`pool` window when `pool` ≥ 2 (0 or 1: no pooling), then flattened to (B, d)."""
-
-    module: str
-    pool: int = field(metadata={"check": (lambda v: v >= 0, "an integer >= 0 (0 or 1: no pooling)")})
-
-
-@dataclass(frozen=True)
-class CRDPairTaps:
-    """The teacher tap and the student tap of one teacher → student pair."""
-
-    teacher: CRDTap
-    student: CRDTap
 
 
 @dataclass(frozen=True)
@@ -72,7 +55,7 @@ class CRDParams:
     momentum: float = field(metadata={"check": (lambda v: 0 <= v < 1, "a number in [0, 1)")})
     max_memory_mb: float = field(metadata={"check": (lambda v: v > 0, "a number > 0")})
     cache_max_mb: float = field(metadata={"check": (lambda v: v >= 0, "a number >= 0")})
-    taps: dict[str, dict[str, CRDPairTaps]]
+    taps: dict[str, dict[str, PairTaps]]
 
     def schedule(self) -> AlphaSchedule:
         return AlphaSchedule(self.alpha, self.alpha_schedule, self.alpha_decay_every, self.alpha_decay_factor)
@@ -233,52 +216,6 @@ class ContrastMemory(nn.Module):
         self.banks = self.banks.index_copy(1, rows, mixed / mixed.pow(2).sum(2, keepdim=True).sqrt())
 
 
-class L2Embedding(nn.Module):
-    """x ↦ normalise(W·flatten(x) + b), the authors' `Embed` (Linear then L2 normalisation)."""
-
-    def __init__(self, dim_in: int, dim_out: int) -> None:
-        super().__init__()
-        self.linear = nn.Linear(dim_in, dim_out)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.linear(x.flatten(1)), p=2, dim=1)
-
-
-class TappedNetwork(nn.Module):
-    """`net(batch)` returning (logits, tapped feature) from one forward pass; the feature is max-pooled by
-    `tap.pool` when ≥ 2 and flattened to (B, d)."""
-
-    def __init__(self, network: Network, tap: CRDTap, where: str) -> None:
-        super().__init__()
-        self.network = network
-        self.tap = tap
-        self.where = where
-        FeatureTaps(network.body, [tap.module])  # a missing module is a KeyError now, not mid-training
-
-    @torch.no_grad()
-    def width(self, sample: Batch) -> int:
-        """d of the flattened tapped feature, from one eval-mode forward of `sample` (moved to the
-        network's device: the pipeline builds the student on the CPU, the sample lives with the data)."""
-        device = next(self.network.parameters()).device
-        was_training = self.network.training
-        self.network.eval()
-        try:
-            return self({key: value.to(device) for key, value in sample.items()})[1].shape[1]
-        finally:
-            self.network.train(was_training)
-
-    def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        with FeatureTaps(self.network.body, [self.tap.module]) as taps:
-            logits = self.network(batch)
-            feature = taps[self.tap.module]
-        if self.tap.pool >= 2:
-            if feature.dim() != 4:
-                raise ValueError(f"{self.where}.pool is {self.tap.pool}, but module {self.tap.module!r} outputs "
-                                 f"shape {tuple(feature.shape)}; pooling needs a (B, C, H, W) map (use pool: 0)")
-            feature = F.max_pool2d(feature, self.tap.pool)
-        return logits, feature.flatten(1)
-
-
 @register
 class ContrastiveRepresentationDistillation(DistillationMethod):
     """L = (1 − α)·CE(z_s, y) + α·L_CRD with a frozen teacher (MM or CM); L_CRD contrasts 128-d embeddings
@@ -289,7 +226,7 @@ class ContrastiveRepresentationDistillation(DistillationMethod):
     teacher_configs = ("mm", "cm")
     params_type = CRDParams
 
-    def __init__(self, student: Network, teacher: Network, student_tap: CRDTap, teacher_tap: CRDTap,
+    def __init__(self, student: Network, teacher: Network, student_tap: FeatureTap, teacher_tap: FeatureTap,
                  params: CRDParams, nce_k: int, sample: Batch, cache_teacher_outputs: bool = True,
                  where: str = "crd.taps") -> None:
         super().__init__(student)

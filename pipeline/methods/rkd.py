@@ -20,25 +20,8 @@ from pipeline.methods.base import (
 )
 from pipeline.methods.frozen import FrozenOutputs
 from pipeline.methods.kd import AlphaSchedule
+from pipeline.methods.tapped_features import FeatureTap, L2Embedding, PairTaps, TappedNetwork
 from pipeline.models.registry import Network
-from pipeline.models.taps import FeatureTaps
-
-
-@dataclass(frozen=True)
-class RKDTap:
-    """One tapped feature: the output of module `module` (relative to `net.body`), max-pooled with a
-    `pool`×`pool` window when `pool` ≥ 2 (0 or 1: no pooling), then flattened to (B, d)."""
-
-    module: str
-    pool: int = field(metadata={"check": (lambda v: v >= 0, "an integer >= 0 (0 or 1: no pooling)")})
-
-
-@dataclass(frozen=True)
-class RKDPairTaps:
-    """The teacher tap and the student tap of one teacher → student pair."""
-
-    teacher: RKDTap
-    student: RKDTap
 
 
 @dataclass(frozen=True)
@@ -65,7 +48,7 @@ class RKDParams:
     angle_weight: float = field(metadata={"check": (lambda v: v >= 0, "a number >= 0")})
     embedding: Literal["authors", "none"]
     feat_dim: int = field(metadata={"check": (lambda v: v > 0, "an integer > 0")})
-    taps: dict[str, dict[str, RKDPairTaps]]
+    taps: dict[str, dict[str, PairTaps]]
 
     def schedule(self) -> AlphaSchedule:
         return AlphaSchedule(self.alpha, self.alpha_schedule, self.alpha_decay_every, self.alpha_decay_factor)
@@ -110,52 +93,6 @@ def rkd_angle_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor
     return F.smooth_l1_loss(triplet_cosines(student), t_angle, reduction="mean", beta=1.0)
 
 
-class L2Embedding(nn.Module):
-    """x ↦ normalise(W·flatten(x) + b), the authors' `Embed` (Linear then L2 normalisation)."""
-
-    def __init__(self, dim_in: int, dim_out: int) -> None:
-        super().__init__()
-        self.linear = nn.Linear(dim_in, dim_out)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.linear(x.flatten(1)), p=2, dim=1)
-
-
-class TappedNetwork(nn.Module):
-    """`net(batch)` returning (logits, tapped feature) from one forward pass; the feature is max-pooled by
-    `tap.pool` when ≥ 2 and flattened to (B, d)."""
-
-    def __init__(self, network: Network, tap: RKDTap, where: str) -> None:
-        super().__init__()
-        self.network = network
-        self.tap = tap
-        self.where = where
-        FeatureTaps(network.body, [tap.module])  # a missing module is a KeyError now, not mid-training
-
-    @torch.no_grad()
-    def width(self, sample: Batch) -> int:
-        """d of the flattened tapped feature, from one eval-mode forward of `sample` (moved to the
-        network's device: the pipeline builds the student on the CPU, the sample lives with the data)."""
-        device = next(self.network.parameters()).device
-        was_training = self.network.training
-        self.network.eval()
-        try:
-            return self({key: value.to(device) for key, value in sample.items()})[1].shape[1]
-        finally:
-            self.network.train(was_training)
-
-    def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        with FeatureTaps(self.network.body, [self.tap.module]) as taps:
-            logits = self.network(batch)
-            feature = taps[self.tap.module]
-        if self.tap.pool >= 2:
-            if feature.dim() != 4:
-                raise ValueError(f"{self.where}.pool is {self.tap.pool}, but module {self.tap.module!r} outputs "
-                                 f"shape {tuple(feature.shape)}; pooling needs a (B, C, H, W) map (use pool: 0)")
-            feature = F.max_pool2d(feature, self.tap.pool)
-        return logits, feature.flatten(1)
-
-
 @register
 class RelationalKD(DistillationMethod):
     """L = (1 − α)·CE(z_s, y) + α·(w_d·L_dist + w_a·L_angle)(e_s, e_t) with a frozen teacher (MM or CM),
@@ -165,7 +102,7 @@ class RelationalKD(DistillationMethod):
     teacher_configs = ("mm", "cm")
     params_type = RKDParams
 
-    def __init__(self, student: Network, teacher: Network, student_tap: RKDTap, teacher_tap: RKDTap,
+    def __init__(self, student: Network, teacher: Network, student_tap: FeatureTap, teacher_tap: FeatureTap,
                  params: RKDParams, sample: Batch, cache_teacher_outputs: bool = True,
                  where: str = "rkd.taps") -> None:
         super().__init__(student)
