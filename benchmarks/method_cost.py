@@ -28,7 +28,7 @@ from pipeline.benchmark import LoadedDataset, build_role_network
 from pipeline.data.catalog import dataset_spec
 from pipeline.data.tensors import DeviceDataset
 from pipeline.methods import METHODS
-from pipeline.methods.base import MethodSetup, TrainContext
+from pipeline.methods.common.base import MethodSetup, TrainContext
 from pipeline.params import Params, load_params
 from pipeline.training.engine import optimise_epoch
 from pipeline.training.runtime import resolve_device

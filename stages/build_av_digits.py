@@ -5,7 +5,8 @@ import shutil
 from pathlib import Path
 
 from pipeline.data.av_digits import AVDigitsRecipe, write_av_digits
-from pipeline.params import load_params
+from pipeline.io import check_writable
+from pipeline.params import load_blocks
 from stages.common import parser, run_stage
 
 
@@ -13,8 +14,8 @@ def main() -> None:
     p = parser(__doc__)
     p.add_argument("--out", required=True, type=Path)
     args = p.parse_args()
-    params = load_params(args.params)
-    recipe = AVDigitsRecipe(**vars(params.av_digits))
+    recipe = load_blocks(args.params, {"av_digits": AVDigitsRecipe})["av_digits"]
+    check_writable(args.out.parent)
     tmp = args.out.with_name(args.out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     summary = write_av_digits(recipe, tmp)

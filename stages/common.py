@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from collections.abc import Callable
 
-from pipeline.data.validation import DataError
-from pipeline.params import ParamsError
-from pipeline.training.checkpoints import CheckpointError
+from pipeline.errors import UserError
 
-EXPECTED_ERRORS = (ParamsError, DataError, CheckpointError, FileNotFoundError, KeyError)
+# UserError: bad params, data, checkpoints, results files or output folders (each layer's subclass);
+# KeyError: a tap, hook or per-dataset entry a method needs is missing from its params block
+EXPECTED_ERRORS = (UserError, FileNotFoundError, KeyError)
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -20,19 +19,9 @@ def parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
-def training_parser(description: str) -> argparse.ArgumentParser:
-    """Arguments of the stages that train on one dataset."""
-    p = parser(description)
-    p.add_argument("--dataset", required=True, help="dataset key, e.g. av_digits")
-    p.add_argument("--raw", required=True, type=Path, help="folder holding the dataset's raw files")
-    p.add_argument("--prepared", required=True, type=Path, help="output folder of the dataset's prepare stage")
-    p.add_argument("--results", required=True, type=Path, help="JSON file receiving one record per run")
-    return p
-
-
 def run_stage(main: Callable[[], None]) -> None:
-    """Run a stage; an expected error (bad params, bad data, bad checkpoint) prints one clear line
-    and exits with status 1 instead of a traceback."""
+    """Run a stage; an expected error (bad params, bad data, bad checkpoint, unwritable output) prints one
+    clear line and exits with status 1 instead of a traceback."""
     try:
         main()
     except EXPECTED_ERRORS as err:

@@ -1,40 +1,54 @@
-"""DVC stage: one of MST-Distill's three stages (1: collaborative initialisation, 2: specialised teacher
-adaptation, 3: dynamic distillation), or the stage ablation of paper Table 3 (`ablation`), for one
-dataset, every seed and both targets."""
+"""DVC stage: one step of MST-Distill on one dataset, every seed and both targets: a phase
+(`collaborative_init`, `specialist_adaptation`, `dynamic_distillation`), the stage ablation of paper
+Table 3 (`ablation`) or the top-k sweep of paper Fig. 6 (`topk_sweep`)."""
 
 from pathlib import Path
 
-from pipeline import mst_pipeline
-from pipeline.benchmark import load_dataset, open_device, write_json
-from pipeline.params import load_params
+from pipeline.io import check_writable
+from pipeline.orchestration import mst as mst_stages
+from pipeline.orchestration.config import load_params
+from pipeline.orchestration.jobs import open_device
+from pipeline.orchestration.runs import load_dataset, write_records
 from pipeline.tracking import open_tracker
-from stages.common import run_stage, training_parser
+from stages.common import parser, run_stage
+
+STEPS = ("collaborative_init", "specialist_adaptation", "dynamic_distillation", "ablation", "topk_sweep")
+# which folders each step reads (r) and writes (w)
+FOLDERS = {"collaborative_init": {"stage1": "w"}, "specialist_adaptation": {"stage1": "r", "masks": "w"},
+           "dynamic_distillation": {"stage1": "r", "masks": "r"}, "topk_sweep": {"stage1": "r", "masks": "r"},
+           "ablation": {"teachers": "r", "stage1": "r", "masks": "r"}}
 
 
 def main() -> None:
-    p = training_parser(__doc__)
-    p.add_argument("--stage", required=True, choices=("1", "2", "3", "ablation"))
-    p.add_argument("--stage1", required=True, type=Path, help="stage-1 checkpoints folder")
-    p.add_argument("--masks", type=Path, help="stage-2 MaskNets folder (stages 2, 3 and ablation)")
-    p.add_argument("--teachers", type=Path, help="teachers-stage checkpoints (ablation)")
+    p = parser(__doc__)
+    p.add_argument("step", choices=STEPS)
+    p.add_argument("--dataset", required=True, help="dataset key, e.g. av_digits")
+    p.add_argument("--prepared", required=True, type=Path, help="the dataset's prepared folder")
+    p.add_argument("--results", required=True, type=Path, help="JSON file receiving one record per run")
+    p.add_argument("--stage1", type=Path, help="collaborative-initialisation networks")
+    p.add_argument("--masks", type=Path, help="specialist-adaptation MaskNets")
+    p.add_argument("--teachers", type=Path, help="the teachers stage's checkpoints (ablation)")
     args = p.parse_args()
+    for folder in FOLDERS[args.step]:
+        if getattr(args, folder) is None:
+            p.error(f"--{folder} is required for {args.step}")
     params = load_params(args.params)
-    if args.stage != "1" and args.masks is None:
-        p.error("--masks is required for stages 2, 3 and ablation")
-    if args.stage == "ablation" and args.teachers is None:
-        p.error("--teachers is required for the ablation")
-    loaded = load_dataset(params, args.dataset, args.raw, args.prepared, open_device(params))
-    name = "mst_ablation" if args.stage == "ablation" else f"mst_s{args.stage}"
+    check_writable(args.results, *[getattr(args, f) for f, mode in FOLDERS[args.step].items() if mode == "w"])
+    loaded = load_dataset(params, args.dataset, args.prepared, open_device(params))
+    name = {"collaborative_init": "mst_s1", "specialist_adaptation": "mst_s2",
+            "dynamic_distillation": "mst_s3"}.get(args.step, f"mst_{args.step}")
     with open_tracker(params.tracking.mlflow, args.dataset, Path(args.params), name) as tracker:
-        if args.stage == "1":
-            records = mst_pipeline.stage1(params, loaded, args.stage1, tracker)
-        elif args.stage == "2":
-            records = mst_pipeline.stage2(params, loaded, args.stage1, args.masks, tracker)
-        elif args.stage == "3":
-            records = mst_pipeline.stage3(params, loaded, args.stage1, args.masks, tracker)
+        if args.step == "collaborative_init":
+            records = mst_stages.mst_collaborative_init(params, loaded, args.stage1, tracker)
+        elif args.step == "specialist_adaptation":
+            records = mst_stages.mst_specialist_adaptation(params, loaded, args.stage1, args.masks, tracker)
+        elif args.step == "dynamic_distillation":
+            records = mst_stages.mst_dynamic_distillation(params, loaded, args.stage1, args.masks, tracker)
+        elif args.step == "topk_sweep":
+            records = mst_stages.topk_sweep(params, loaded, args.stage1, args.masks, tracker)
         else:
-            records = mst_pipeline.stage_ablation(params, loaded, args.teachers, args.stage1, args.masks, tracker)
-    write_json(args.results, {"runs": records})
+            records = mst_stages.mst_ablation(params, loaded, args.teachers, args.stage1, args.masks, tracker)
+    write_records(args.results, records)
 
 
 if __name__ == "__main__":

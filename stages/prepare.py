@@ -1,10 +1,12 @@
-"""DVC stage: validate a dataset's raw files and write its split file and summary."""
+"""DVC stage: validate a dataset's raw files and write its prepared tensors, split file and summary."""
 
 import json
 from pathlib import Path
 
-from pipeline.benchmark import prepare_dataset
-from pipeline.params import load_params
+from pipeline.data.av_digits import AVDigitsRecipe
+from pipeline.data.prepared import prepare_dataset
+from pipeline.data.splits import SplitParams
+from pipeline.params import load_blocks
 from stages.common import parser, run_stage
 
 
@@ -14,7 +16,8 @@ def main() -> None:
     p.add_argument("--raw", required=True, type=Path)
     p.add_argument("--out", required=True, type=Path)
     args = p.parse_args()
-    summary = prepare_dataset(load_params(args.params), args.dataset, args.raw, args.out)
+    blocks = load_blocks(args.params, {"splits": SplitParams, "av_digits": AVDigitsRecipe})
+    summary = prepare_dataset(args.dataset, args.raw, args.out, blocks["splits"], blocks)
     print(json.dumps(summary))
 
 

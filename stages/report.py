@@ -1,22 +1,22 @@
-"""DVC stage: aggregate every run over seeds into reports/ (Table 1, teachers table, DVC metrics)."""
+"""DVC stage: aggregate every run over seeds into reports/ (Tables 1 and 3, teachers table, top-k sweep,
+figures, DVC metrics and plot data)."""
 
 from pathlib import Path
 
-from pipeline.params import load_params
-from pipeline.reporting.tables import ResultsError, write_reports
+from pipeline.io import check_writable
+from pipeline.params import load_blocks
+from pipeline.reporting.tables import write_reports
 from stages.common import parser, run_stage
 
 
 def main() -> None:
     p = parser(__doc__)
-    p.add_argument("--results", default=Path("results"), type=Path)
-    p.add_argument("--out", default=Path("reports"), type=Path)
+    p.add_argument("--results", required=True, type=Path, help="folder of the stages' results files")
+    p.add_argument("--out", required=True, type=Path, help="folder receiving the reports")
     args = p.parse_args()
-    params = load_params(args.params)
-    try:
-        write_reports(args.results, args.out, list(params.datasets))
-    except ResultsError as err:
-        raise FileNotFoundError(str(err)) from err
+    datasets = load_blocks(args.params, {"datasets": dict[str, str]})["datasets"]
+    check_writable(args.out)
+    write_reports(args.results, args.out, list(datasets))
     print((args.out / "table1.md").read_text())
 
 

@@ -1,19 +1,72 @@
-"""Shared fixtures: a tiny AV-Digits build and small in-memory datasets made by the tests themselves."""
+"""Shared fixtures. Every test that needs parameters shrinks the real params.yaml (never a pasted copy), and
+builds networks, data and run contexts through the helpers here: a tiny AV-Digits build, small synthetic
+two-modality datasets, and method setups as the pipeline makes them."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import os
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.pop("DVC_STAGE", None)  # tests are not DVC stages: params are never restricted here
 warnings.filterwarnings("ignore", message=".*noload.*")
 
 REPO = Path(__file__).resolve().parents[1]
+SHAPES = {"m1": (1, 28, 28), "m2": (1, 16, 16)}
+ARCHS = {"mm": "cnn_i", "m1": "lenet5", "m2": "three_layer_cnn_a"}
+
+
+def raw_params() -> dict:
+    """params.yaml as YAML data (a fresh copy each call)."""
+    return copy.deepcopy(_RAW)
+
+
+_RAW = yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def shrunk_raw(seeds=(0,), epochs: int = 2, batch_size: int = 16, **overrides) -> dict:
+    """The real params.yaml with few seeds and epochs (the tiny profile of the tests); `overrides` set
+    top-level keys."""
+    raw = raw_params()
+    raw["seeds"] = list(seeds)
+    for block in ("training", "teacher_training"):
+        raw[block]["av_digits"].update(epochs=epochs, batch_size=batch_size)
+    raw["mst"]["collaborative_init_epochs"]["av_digits"] = epochs
+    raw["mst"]["specialist_adaptation_epochs"]["av_digits"] = 1
+    raw["fitnets"]["hint_epochs"]["av_digits"] = 1
+    raw["mgdfr"]["co_epochs"]["av_digits"] = 1
+    raw["mgdfr"]["repeat_permute"]["av_digits"] = 1
+    raw.update(overrides)
+    return raw
+
+
+def shrunk_params(**kwargs):
+    from pipeline.orchestration.config import parse_params
+
+    return parse_params(shrunk_raw(**kwargs))
+
+
+@pytest.fixture(scope="session")
+def params():
+    """The repository's params.yaml, parsed (unshrunk)."""
+    from pipeline.orchestration.config import load_params
+
+    return load_params(REPO / "params.yaml", restrict=False)
+
+
+def method_block(name: str, **changes) -> Any:
+    """Method `name`'s block of the shrunk real params.yaml, with `changes` replaced."""
+    block = shrunk_params().method(name)
+    return dataclasses.replace(block, **changes) if changes else block
 
 
 @pytest.fixture(scope="session")
@@ -53,3 +106,41 @@ def synthetic_split(n: int = 96) -> dict[str, torch.Tensor]:
     index = torch.randperm(n, generator=torch.Generator().manual_seed(0))
     a, b = int(0.6 * n), int(0.8 * n)
     return {"train": index[:a], "val": index[a:b], "test": index[b:]}
+
+
+def role_network(role: str, device: str = "cpu"):
+    """A fresh network of `role` ("mm", "m1", "m2") for the synthetic data's shapes."""
+    from pipeline.models.registry import build_network
+
+    inputs = ("m1", "m2") if role == "mm" else (role,)
+    return build_network(ARCHS[role], inputs, 10, [SHAPES[k] for k in inputs]).to(device)
+
+
+def run_context(data=None, split=None, *, epochs: int = 2, batch_size: int = 16, lr: float = 1e-3, seed: int = 0,
+                selection: str = "val_loss"):
+    """A RunContext over (by default) the 96-sample synthetic dataset."""
+    from pipeline.training.phases import RunContext
+
+    data = data if data is not None else synthetic_dataset()
+    split = split if split is not None else synthetic_split(len(data))
+    return RunContext(data, split, batch_size, epochs, lr, 10, torch.Generator().manual_seed(seed),
+                      selection=selection, eval_batch_size=batch_size)
+
+
+def method_setup(method: str, config: str, target: str, data=None, *, block: Any = None, cache: bool = True,
+                 teacher=None, seed: int = 0, **fields):
+    """The MethodSetup the pipeline would give method `method` for (teacher config, target): fresh student,
+    the teacher of the config (fresh, or `teacher`), the shrunk real params block unless `block` is given."""
+    from pipeline.methods import MethodSetup
+
+    torch.manual_seed(seed)
+    data = data if data is not None else synthetic_dataset()
+    other = {"m1": "m2", "m2": "m1"}.get(target)
+    if teacher is None and config in ("mm", "cm"):
+        teacher = role_network("mm" if config == "mm" else other)
+    student = fields.pop("student", "fresh")
+    return MethodSetup(student=role_network(target) if student == "fresh" else student, teacher=teacher,
+                       teacher_config=config, target=target, dataset="av_digits", num_classes=10,
+                       sample=data.batch(torch.arange(4)), build_network=role_network,
+                       method_params=block if block is not None else method_block(method),
+                       cache_frozen_outputs=cache, **fields)

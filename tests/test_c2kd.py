@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import yaml
 from scipy.stats import kendalltau
 
-from pipeline.methods.base import MethodSetup, TrainContext, check_teacher_config
+from pipeline.methods.common.base import MethodSetup, TrainContext, check_teacher_config
 from pipeline.methods.c2kd import (C2KD, C2KDParams, C2KDTaps, ProxyNet, ProxyNet1D, build_proxy, kendall_tau_b,
                                    masked_non_target_kl, mutual_kl, non_target_kl, poly_lr)
 from pipeline.models.registry import build_network

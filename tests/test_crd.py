@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from pipeline.methods.base import MethodSetup, TrainContext, check_teacher_config
+from pipeline.methods.common.base import MethodSetup, TrainContext, check_teacher_config
 from pipeline.methods.crd import (
     ContrastiveRepresentationDistillation,
     ContrastMemory,

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from pipeline.methods.base import MethodSetup, TrainContext, check_teacher_config
+from pipeline.methods.common.base import MethodSetup, TrainContext, check_teacher_config
 from pipeline.methods.dml import VARIANTS, DeepMutualLearning, DMLParams, PeerLoss, mutual_learning_terms
 from pipeline.methods.mst.losses import bidirectional_alignment
 from pipeline.models.registry import build_network
@@ -26,7 +26,7 @@ dml:
   teachers:                   # Table 1 row: DML (MM+CM)
   - mm+cm
   variant: dml                # dml: Zhang et al. 2018 (T=1, peers detached, mean over peers);
-                              # authors_stage1: MST stage 1 (T=4 x T^2, not detached, sum over peers)
+                              # mst_collaborative_init: MST stage 1 (T=4 x T^2, not detached, sum over peers)
   kl_weight: 1.0              # lambda on each network's peer KL
 """
 
@@ -74,7 +74,7 @@ def test_params_block_parses_and_variants_are_as_documented():
     p = _params()
     assert (p.teachers, p.variant, p.kl_weight) == (["mm+cm"], "dml", 1.0)
     assert VARIANTS["dml"] == PeerLoss(temperature=1.0, detach_peers=True, peer_reduction="mean")
-    assert VARIANTS["authors_stage1"] == PeerLoss(temperature=4.0, detach_peers=False, peer_reduction="sum")
+    assert VARIANTS["mst_collaborative_init"] == PeerLoss(temperature=4.0, detach_peers=False, peer_reduction="sum")
 
 
 def test_only_mm_plus_cm_is_supported():
@@ -110,7 +110,7 @@ def _explicit(logits, labels, temperature, kl_weight, reduction):
     return out
 
 
-@pytest.mark.parametrize("peer_loss, kl_weight", [(VARIANTS["dml"], 1.0), (VARIANTS["authors_stage1"], 1.0),
+@pytest.mark.parametrize("peer_loss, kl_weight", [(VARIANTS["dml"], 1.0), (VARIANTS["mst_collaborative_init"], 1.0),
                                                   (PeerLoss(2.0, True, "mean"), 0.5)])
 def test_loss_matches_explicit_formula(peer_loss, kl_weight):
     torch.manual_seed(0)
@@ -123,11 +123,11 @@ def test_loss_matches_explicit_formula(peer_loss, kl_weight):
         assert got[key].item() == pytest.approx(value, rel=1e-5), key
 
 
-def test_authors_stage1_equals_mst_stage1_alignment():
-    """The summed peer terms of `authors_stage1` are MST stage 1's symmetric, undetached T = 4 alignment."""
+def test_mst_collaborative_init_equals_mst_stage1_alignment():
+    """The summed peer terms of `mst_collaborative_init` are MST stage 1's symmetric, undetached T = 4 alignment."""
     torch.manual_seed(1)
     logits = {"mm": torch.randn(6, 5), "student": torch.randn(6, 5), "cm": torch.randn(6, 5)}
-    terms = mutual_learning_terms(logits, torch.zeros(6, dtype=torch.long), VARIANTS["authors_stage1"])
+    terms = mutual_learning_terms(logits, torch.zeros(6, dtype=torch.long), VARIANTS["mst_collaborative_init"])
     total = terms["kl_student"] + terms["kl_mm"] + terms["kl_cm"]
     assert total.item() == pytest.approx(bidirectional_alignment(list(logits.values()), 4.0).item(), rel=1e-6)
 
@@ -135,7 +135,7 @@ def test_authors_stage1_equals_mst_stage1_alignment():
 def test_detached_peers_get_no_gradient_from_another_networks_kl():
     data = synthetic_dataset()
     batch = data.batch(torch.arange(8))
-    for variant, crosses in (("dml", False), ("authors_stage1", True)):
+    for variant, crosses in (("dml", False), ("mst_collaborative_init", True)):
         method = _method(data, "m1", _params(variant=variant))
         method.loss_terms(batch, 0)["kl_student"].backward()
         assert all(p.grad is not None for p in method.student.parameters())

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from pipeline.methods.base import MethodSetup, TrainContext, check_teacher_config
+from pipeline.methods.common.base import MethodSetup, TrainContext, check_teacher_config
 from pipeline.methods.fitnets import (FitNets, FitNetsParams, HintRegressor, Regressor1D, hint_loss,
                                       trunk_parameter_names)
 from pipeline.methods.kd import hinton_kd_loss

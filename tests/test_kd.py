@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.methods.frozen import FrozenOutputs
+from pipeline.methods.common.frozen import FrozenOutputs
 from pipeline.methods.kd import AlphaSchedule, KnowledgeDistillation, hinton_kd_loss
 from pipeline.models.registry import build_network
 from pipeline.training.engine import EngineConfig, train

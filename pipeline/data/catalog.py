@@ -23,7 +23,7 @@ class DatasetSpec:
     modalities: dict[str, str]            # batch key -> modality name, e.g. {"m1": "image", "m2": "audio"}
     num_classes: int
     networks: dict[str, str]              # "mm" (multimodal teacher), "m1", "m2" -> architecture name
-    load: Callable[[Path, Any], dict[str, np.ndarray]]   # (raw folder, Params) -> m1, m2, labels
+    load: Callable[[Path, Any], dict[str, np.ndarray]]   # (raw folder, params blocks) -> m1, m2, labels
     raw_layout: str                       # what a user must place in the raw folder
 
     def modality_name(self, key: str) -> str:
@@ -42,12 +42,12 @@ DATASETS: dict[str, DatasetSpec] = {
     "av_digits": DatasetSpec(
         key="av_digits", display_name="AV-Digits", modalities={"m1": "image", "m2": "audio"}, num_classes=10,
         networks={"mm": "cnn_i", "m1": "lenet5", "m2": "three_layer_cnn_a"},
-        load=lambda root, params: load_av_mnist(root, params.av_digits.spectrogram_size),
+        load=lambda root, blocks: load_av_mnist(root, blocks["av_digits"].spectrogram_size),
         raw_layout=AV_MNIST_LAYOUT + ", built by the build_av_digits stage"),
     "av_mnist": DatasetSpec(
         key="av_mnist", display_name="AV-MNIST", modalities={"m1": "image", "m2": "audio"}, num_classes=10,
         networks={"mm": "cnn_i", "m1": "lenet5", "m2": "three_layer_cnn_a"},
-        load=lambda root, params: load_av_mnist(root, 112),
+        load=lambda root, blocks: load_av_mnist(root, 112),
         raw_layout=AV_MNIST_LAYOUT + " with S = 112"),
 }
 

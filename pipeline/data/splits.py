@@ -8,15 +8,31 @@ rest test. Not stratified (quirk Q16).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from pipeline.data.validation import DataError
+from pipeline.params import FRACTION, NON_NEGATIVE, POSITIVE, BlockError
 
 AUTHORS_SPLIT_SEED = 19980427
+
+
+@dataclass(frozen=True)
+class SplitParams:
+    """The `splits` block: the authors' protocol, `permutations` permutations of N from one seed, sliced
+    train/val/test by run seed."""
+
+    seed: int = field(metadata=NON_NEGATIVE)
+    permutations: int = field(metadata=POSITIVE)
+    train_fraction: float = field(metadata=FRACTION)
+    val_fraction: float = field(metadata=FRACTION)
+
+    def validate(self) -> None:
+        if self.train_fraction + self.val_fraction >= 1:
+            raise BlockError("val_fraction", "train_fraction + val_fraction must leave a test split (< 1)")
 
 
 @dataclass(frozen=True)

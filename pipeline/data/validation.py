@@ -6,8 +6,10 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.errors import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError):
     """Raw data is missing, truncated or malformed. The message names the file and the expectation."""
 
 

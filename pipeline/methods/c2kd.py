@@ -20,10 +20,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.data.tensors import Batch
-from pipeline.methods.base import DistillationMethod, MethodSetup, TrainContext, register
-from pipeline.methods.kd import hinton_kd_loss
+from pipeline.methods.common.base import DistillationMethod, MethodSetup, register
+from pipeline.methods.common.features import PairTable, check_pair_table, pair_entry, probe_shapes
+from pipeline.methods.common.kl import hinton_kd_loss
 from pipeline.models.registry import Network
 from pipeline.models.taps import FeatureTaps
+from pipeline.training.phases import RunContext
 
 
 @dataclass(frozen=True)
@@ -38,7 +40,7 @@ class C2KDTaps:
 class C2KDParams:
     """C²KD. Defaults follow the authors' main-C2KD.py; switches restore the official huofushuo/C2KD code.
 
-    `taps`: per dataset, per teacher→student pair ("m2_to_m1", "m1_to_m2"), the tapped modules.
+    `taps`: per teacher architecture, per student architecture, the tapped modules.
     `lr`, `momentum`: one SGD (no weight decay) over teacher, student and both proxies — C²KD's own
     learning rate, not the engine's. `krc`: the Kendall τ-b threshold of the on-the-fly selection.
     Switch `lr_schedule`: default `constant` (authors: the poly decay is computed but never written into
@@ -48,7 +50,7 @@ class C2KDParams:
     epochs ≥ ⌊selection_start·epochs⌋ (official: epoch ≥ 80 of 100)."""
 
     teachers: list[str]
-    taps: dict[str, dict[str, C2KDTaps]]
+    taps: PairTable[C2KDTaps]
     lr: float = field(metadata={"check": (lambda v: v > 0, "a number > 0")})
     momentum: float = field(metadata={"check": (lambda v: 0 <= v < 1, "a number in [0, 1)")})
     krc: float = field(metadata={"check": (lambda v: -1 <= v <= 1, "a number between -1 and 1")})
@@ -58,19 +60,8 @@ class C2KDParams:
     selection: Literal["val_loss", "late_val_accuracy"]
     selection_start: float = field(metadata={"check": (lambda v: 0 <= v < 1, "a number in [0, 1)")})
 
-
-def pair_key(teacher_config: str, target: str) -> str:
-    """The taps key of a teacher→student pair, e.g. "m2_to_m1" (CM audio teacher → image student)."""
-    other = "m2" if target == "m1" else "m1"
-    return f"{'mm' if teacher_config == 'mm' else other}_to_{target}"
-
-
-def _pair_taps(taps: dict[str, dict[str, Any]], dataset: str, pair: str, path: str) -> Any:
-    if dataset not in taps:
-        raise KeyError(f"{path}.{dataset} is missing (datasets with taps: {', '.join(sorted(taps)) or 'none'})")
-    if pair not in taps[dataset]:
-        raise KeyError(f"{path}.{dataset}.{pair} is missing (pairs: {', '.join(sorted(taps[dataset])) or 'none'})")
-    return taps[dataset][pair]
+    def validate(self) -> None:
+        check_pair_table(self.taps, "taps", lambda taps: [("teacher", taps.teacher), ("student", taps.student)])
 
 
 class ProxyNet1D(nn.Module):
@@ -174,6 +165,8 @@ class C2KD(DistillationMethod):
     frozen, never cached)."""
 
     name = "c2kd"
+    display_name = "C²KD"
+    table_order = 90
     teacher_configs = ("cm",)
     params_type = C2KDParams
 
@@ -200,9 +193,9 @@ class C2KD(DistillationMethod):
     @classmethod
     def from_setup(cls, setup: MethodSetup) -> "C2KD":
         p = setup.method_params
-        taps = _pair_taps(p.taps, setup.dataset, pair_key(setup.teacher_config, setup.target), "c2kd.taps")
-        teacher_shape = _feature_shape(setup.teacher, taps.teacher, setup.sample)
-        student_shape = _feature_shape(setup.student, taps.student, setup.sample)
+        taps = pair_entry(p.taps, setup.teacher, setup.student, "c2kd.taps")
+        teacher_shape = probe_shapes(setup.teacher, [taps.teacher], setup.sample)[taps.teacher]
+        student_shape = probe_shapes(setup.student, [taps.student], setup.sample)[taps.student]
         # the authors build px_t before px_s (get_C2KDmodules); same order, same RNG draws
         proxy_teacher = build_proxy(teacher_shape, setup.num_classes).to(setup.sample["y"].device)
         proxy_student = build_proxy(student_shape, setup.num_classes).to(setup.sample["y"].device)
@@ -210,7 +203,7 @@ class C2KD(DistillationMethod):
                    lr=p.lr, momentum=p.momentum, krc=p.krc, lr_schedule=p.lr_schedule, poly_power=p.poly_power,
                    poly_min_lr=p.poly_min_lr, selection=p.selection, selection_start=p.selection_start)
 
-    def prepare(self, context: TrainContext) -> None:
+    def prepare(self, context: RunContext) -> None:
         # Nothing is cached: the teacher is trained (and its proxy's BN uses batch statistics), so its
         # outputs differ every step. Only the schedule's length is recorded here.
         self._epochs = context.epochs
@@ -259,7 +252,7 @@ class C2KD(DistillationMethod):
                 "ntkl": (masked_non_target_kl(proxy_s, proxy_t, y, mask)
                          + masked_non_target_kl(proxy_t, proxy_s, y, mask))}
 
-    def validation_score(self, context: TrainContext, epoch: int) -> float | None:
+    def validation_score(self, context: RunContext, epoch: int) -> float | None:
         """None (the engine's min val CE) by default; `late_val_accuracy`: −(val accuracy) from epoch
         ⌊selection_start·epochs⌋ on, +∞ before. A tiny epoch bonus makes ties go to the later epoch, as the
         official `val_acc >= best` (accuracy steps are 1/n_val, far above the bonus)."""
@@ -267,24 +260,10 @@ class C2KD(DistillationMethod):
             return None
         if epoch < math.floor(self.selection_start * context.epochs):
             return math.inf
-        from pipeline.training.engine import evaluate  # deferred: the engine imports the methods package
-        accuracy = evaluate(self.student, context.data, context.split["val"], context.num_classes).accuracy
+        accuracy = context.evaluate(self.student, "val").accuracy
         return -accuracy - 1e-9 * epoch
 
     def epoch_values(self, epoch: int) -> dict[str, float]:
         if self.lr_schedule == "poly" and self._epochs is None:
             return {}
         return {"lr": self.lr_at(epoch, 0)}
-
-
-@torch.no_grad()
-def _feature_shape(network: Network, tap: str, sample: Batch) -> tuple[int, ...]:
-    """Per-sample shape of `network.body`'s module `tap` on `sample` (eval mode, so no BN statistics move)."""
-    was_training = network.training
-    network.eval()
-    try:
-        with FeatureTaps(network.body, [tap]) as taps:
-            network(sample)
-            return tuple(taps[tap].shape[1:])
-    finally:
-        network.train(was_training)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.data.tensors import Batch
-from pipeline.methods.base import DistillationMethod, MethodSetup, register
+from pipeline.methods.common.base import DistillationMethod, MethodSetup, register
 
 
 @register
@@ -16,6 +16,8 @@ class CrossEntropyOnly(DistillationMethod):
     """L = CE(student(x), y). Also how the multimodal and unimodal teachers are trained."""
 
     name = "ce"
+    display_name = "w/o KD"
+    table_order = 0
 
     @classmethod
     def from_setup(cls, setup: MethodSetup) -> "CrossEntropyOnly":

@@ -13,15 +13,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.data.tensors import Batch
-from pipeline.methods.base import (
-    DistillationMethod,
-    MethodSetup,
-    TrainContext,
-    register,
-)
-from pipeline.methods.frozen import FrozenOutputs
-from pipeline.methods.kd import AlphaSchedule
-from pipeline.methods.tapped_features import FeatureTap, L2Embedding, PairTaps, TappedNetwork
+from pipeline.methods.common.alpha import AlphaParams
+from pipeline.methods.common.base import DistillationMethod, MethodSetup, register
+from pipeline.methods.common.features import PairTable, check_pair_table, pair_entry
+from pipeline.methods.common.frozen import FrozenOutputs
+from pipeline.methods.common.tapped_features import FeatureTap, L2Embedding, PairTaps, TappedNetwork
+from pipeline.params import NON_NEGATIVE, POSITIVE, check
+from pipeline.training.phases import RunContext
 from pipeline.models.registry import Network
 
 NCE_EPS = 1e-7  # RepDistiller's eps in the NCE loss
@@ -30,7 +28,7 @@ NCE_EPS = 1e-7  # RepDistiller's eps in the NCE loss
 @dataclass(frozen=True)
 class CRDParams:
     """CRD as the authors run it: (1 − α)·CE + α·L_CRD, 128-d embeddings, K = 4096 other-class negatives,
-    τ = 0.07, memory momentum 0.5; α = 0.5 halved every 30 epochs (`alpha_*`, as KDParams).
+    τ = 0.07, memory momentum 0.5; α = 0.5 halved every 30 epochs (`alpha`, see AlphaParams).
 
     Switches (default authors; original = RepDistiller / mdistiller / torchdistill):
     - `loss_form`: `authors` (1 − α)·CE + α·L_CRD; `original` 1·CE + `original_weight`·L_CRD (0.8; α unused).
@@ -39,26 +37,24 @@ class CRDParams:
     `cache_max_mb`: the frozen teacher's tapped features are cached per sample only when that table fits
     (AV-MNIST's pooled ThreeLayerCNN-A conv3 is 25,088 floats a sample); otherwise the teacher is re-run on
     every batch, which gives the same values.
-    `taps[dataset][pair]`: pair = `mm_to_m1`, `mm_to_m2`, `m2_to_m1`, `m1_to_m2` (teacher → student)."""
+    `taps[teacher architecture][student architecture]`: the teacher and student taps of that pair."""
 
     teachers: list[str]
-    alpha: float = field(metadata={"check": (lambda v: 0 <= v <= 1, "a number between 0 and 1")})
-    alpha_schedule: Literal["authors_step", "constant"]
-    alpha_decay_every: int = field(metadata={"check": (lambda v: v > 0, "an integer > 0")})
-    alpha_decay_factor: float = field(metadata={"check": (lambda v: 0 <= v <= 1, "a number between 0 and 1")})
+    alpha: AlphaParams
     loss_form: Literal["authors", "original"]
-    original_weight: float = field(metadata={"check": (lambda v: v >= 0, "a number >= 0")})
-    feat_dim: int = field(metadata={"check": (lambda v: v > 0, "an integer > 0")})
+    original_weight: float = field(metadata=NON_NEGATIVE)
+    feat_dim: int = field(metadata=POSITIVE)
     nce_k: dict[str, int] = field(metadata={"check": (lambda v: all(k > 0 for k in v.values()),
                                                       "a mapping of dataset -> integer > 0")})
-    nce_t: float = field(metadata={"check": (lambda v: v > 0, "a number > 0")})
+    nce_t: float = field(metadata=POSITIVE)
     momentum: float = field(metadata={"check": (lambda v: 0 <= v < 1, "a number in [0, 1)")})
-    max_memory_mb: float = field(metadata={"check": (lambda v: v > 0, "a number > 0")})
-    cache_max_mb: float = field(metadata={"check": (lambda v: v >= 0, "a number >= 0")})
-    taps: dict[str, dict[str, PairTaps]]
+    max_memory_mb: float = field(metadata=POSITIVE)
+    cache_max_mb: float = field(metadata=NON_NEGATIVE)
+    taps: PairTable[PairTaps]
 
-    def schedule(self) -> AlphaSchedule:
-        return AlphaSchedule(self.alpha, self.alpha_schedule, self.alpha_decay_every, self.alpha_decay_factor)
+    def validate(self) -> None:
+        check_pair_table(self.taps, "taps", lambda pair: [("teacher", pair.teacher.module),
+                                                          ("student", pair.student.module)])
 
 
 def nce_loss(logits: torch.Tensor, positive: torch.Tensor, counts: torch.Tensor, log_z: torch.Tensor,
@@ -223,6 +219,8 @@ class ContrastiveRepresentationDistillation(DistillationMethod):
     (baselines-spec.md §2.7)."""
 
     name = "crd"
+    display_name = "CRD"
+    table_order = 60
     teacher_configs = ("mm", "cm")
     params_type = CRDParams
 
@@ -233,7 +231,7 @@ class ContrastiveRepresentationDistillation(DistillationMethod):
         self.teacher = self.freeze(teacher)
         self.params = params
         self.where = where
-        self.alpha = params.schedule()
+        self.alpha = params.alpha
         self.cache_teacher_outputs = cache_teacher_outputs
         self.student_tapped = TappedNetwork(student, student_tap, f"{where}.student")
         self.teacher_tapped = TappedNetwork(self.teacher, teacher_tap, f"{where}.teacher")
@@ -254,18 +252,14 @@ class ContrastiveRepresentationDistillation(DistillationMethod):
     @classmethod
     def from_setup(cls, setup: MethodSetup) -> ContrastiveRepresentationDistillation:
         params: CRDParams = setup.method_params
-        other = "m2" if setup.target == "m1" else "m1"
-        key = f"{'mm' if setup.teacher_config == 'mm' else other}_to_{setup.target}"
-        where = f"{cls.name}.taps.{setup.dataset}.{key}"
-        if key not in params.taps.get(setup.dataset, {}):
-            raise KeyError(f"{where} is missing")
+        pair = pair_entry(params.taps, setup.teacher, setup.student, f"{cls.name}.taps")
+        where = f"{cls.name}.taps.{setup.teacher.arch}.{setup.student.arch}"
         if setup.dataset not in params.nce_k:
             raise KeyError(f"{cls.name}.nce_k.{setup.dataset} is missing")
-        pair = params.taps[setup.dataset][key]
         return cls(setup.student, setup.teacher, pair.student, pair.teacher, params, params.nce_k[setup.dataset],
                    setup.sample, setup.cache_frozen_outputs, where)
 
-    def prepare(self, context: TrainContext) -> None:
+    def prepare(self, context: RunContext) -> None:
         train = context.split["train"]
         need = self.memory.memory_mb(len(train), context.batch_size)
         if need > self.params.max_memory_mb:
@@ -293,8 +287,7 @@ class ContrastiveRepresentationDistillation(DistillationMethod):
         ce = F.cross_entropy(logits, batch["y"])
         if self.params.loss_form == "original":
             return {"ce": ce, "crd": self.params.original_weight * crd}
-        alpha = self.alpha(epoch)
-        return {"ce": (1 - alpha) * ce, "crd": alpha * crd}
+        return self.alpha.weigh(epoch, ce, {"crd": crd})
 
     def epoch_values(self, epoch: int) -> dict[str, float]:
-        return {"alpha": self.alpha(epoch)} if self.params.loss_form == "authors" else {}
+        return self.alpha.epoch_values(epoch) if self.params.loss_form == "authors" else {}

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.data.tensors import Batch
-from pipeline.methods.base import DistillationMethod, MethodSetup, register
-from pipeline.methods.kd import softened_kl
+from pipeline.methods.common.base import DistillationMethod, MethodSetup, register
+from pipeline.methods.common.kl import softened_kl
 from pipeline.models.registry import Network
 
 
@@ -34,8 +34,8 @@ class PeerLoss:
 VARIANTS = {
     # Zhang et al. 2018 (with K networks each learns from the average of its K − 1 peer KLs), KD-Zoo train_dml.py
     "dml": PeerLoss(temperature=1.0, detach_peers=True, peer_reduction="mean"),
-    # the closest code in the authors' repository: MST-Distill stage 1 (official-mst-spec.md §5.1)
-    "authors_stage1": PeerLoss(temperature=4.0, detach_peers=False, peer_reduction="sum"),
+    # the closest code in the authors' repository: MST-Distill collaborative initialisation (official-mst-spec.md §5.1)
+    "mst_collaborative_init": PeerLoss(temperature=4.0, detach_peers=False, peer_reduction="sum"),
 }
 
 
@@ -44,12 +44,12 @@ class DMLParams:
     """Deep mutual learning of student + MM network + CM network, all from scratch. Not in the authors' code.
 
     Switch `variant`: default `dml` = the original method (T = 1, peer targets detached, peer KLs averaged);
-    `authors_stage1` = the closest in-repo analogue, MST-Distill's stage-1 co-training (T = 4, ×T², NOT
+    `mst_collaborative_init` = the closest in-repo analogue, MST-Distill's collaborative initialisation (T = 4, ×T², NOT
     detached so every KL also trains the peer, peer KLs summed). `kl_weight`: λ on each network's peer
-    term (DML and MST stage 1: 1)."""
+    term (DML and MST collaborative initialisation: 1)."""
 
     teachers: list[str]
-    variant: Literal["dml", "authors_stage1"]
+    variant: Literal["dml", "mst_collaborative_init"]
     kl_weight: float = field(metadata={"check": (lambda v: v >= 0, "a number >= 0")})
 
 
@@ -58,7 +58,7 @@ def mutual_learning_terms(logits: Mapping[str, torch.Tensor], labels: torch.Tens
     """For each network n: ce_n = CE(z_n, y) and kl_n = λ · R_{m≠n} T²·KL(p_m^T ‖ p_n^T), R = mean or sum over
     the peers m (batchmean KL). With `detach_peers` the target p_m is a constant, so kl_n trains network n
     only (Zhang et al., CVPR 2018, §3); without it every term also back-propagates into the peer
-    (the authors' MST stage 1). With T = 1 the T² factor is 1."""
+    (the authors' MST collaborative initialisation). With T = 1 the T² factor is 1."""
     terms: dict[str, torch.Tensor] = {}
     for name, own in logits.items():
         peers = [softened_kl(own, other.detach() if peer_loss.detach_peers else other, peer_loss.temperature)
@@ -80,6 +80,8 @@ class DeepMutualLearning(DistillationMethod):
     networks' updates, which one engine step per batch cannot express (no switch)."""
 
     name = "dml"
+    display_name = "DML"
+    table_order = 70
     teacher_configs = ("mm+cm",)
     params_type = DMLParams
 
@@ -104,7 +106,7 @@ class DeepMutualLearning(DistillationMethod):
         """One Adam(lr) with a parameter group per network. DML gives each network its own optimiser; with
         detached peers each network's loss depends only on its own parameters, and Adam's update is
         elementwise, so this is exactly three separate Adams stepped in the same iteration (tested). For
-        `authors_stage1` it is the authors' single Adam over the three networks."""
+        `mst_collaborative_init` it is the authors' single Adam over the three networks."""
         groups = [{"params": list(net.parameters())} for net in (self.student, self.mm_network, self.cm_network)]
         return torch.optim.Adam(groups, lr=lr, fused=True)
 

@@ -1,10 +1,10 @@
-"""FitNets (Romero et al., ICLR 2015) in two stages, as the authors run it (baselines-spec.md §2.4, §3, Q4, Q5).
+"""FitNets (Romero et al., ICLR 2015) in two phases, as the authors run it (baselines-spec.md §2.4, §3, Q4, Q5).
 
-Stage 1 (hint training, in `prepare`): for two hint pairs per teacher/student pair, a small regressor maps a
-student tap onto a frozen teacher tap; L_hint = Σ_pairs MSE(regressor(f_s), sg f_t). Adam(hint_lr) over the
-regressors and only the hinted student layers (Q4). The student state with the lowest mean validation hint
-loss is kept; the regressors are then discarded. Stage 2: Hinton KD exactly as `kd` ((1 − α)·CE + α·T²·KL,
-T = 4, α halved every 30 epochs), selected on the validation (1 − α)·CE + α·KD (Q5).
+Phase `hint`: for two hint pairs per teacher/student pair, a small regressor maps a student tap onto a
+frozen teacher tap; L_hint = Σ_pairs MSE(regressor(f_s), sg f_t). Adam(hint_lr) over the regressors and
+only the hinted student layers (Q4). The student state with the lowest mean validation hint loss is kept;
+the regressors are then discarded. Phase `main`: Hinton KD exactly as `kd` ((1 − α)·CE + α·T²·KL, T = 4,
+α halved every 30 epochs), selected on the validation (1 − α)·CE + α·KD (Q5).
 """
 
 from __future__ import annotations
@@ -20,11 +20,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.data.tensors import Batch
-from pipeline.methods.base import DistillationMethod, MethodSetup, TrainContext, register
-from pipeline.methods.frozen import FrozenOutputs
-from pipeline.methods.kd import AlphaSchedule, hinton_kd_loss
+from pipeline.methods.common.alpha import AlphaParams
+from pipeline.methods.common.base import DistillationMethod, MethodSetup, register
+from pipeline.methods.common.features import PairTable, check_pair_table, pair_entry, probe_shapes
+from pipeline.methods.common.frozen import FrozenOutputs
+from pipeline.methods.common.kl import hinton_kd_loss
 from pipeline.models.registry import Network
 from pipeline.models.taps import FeatureTaps
+from pipeline.params import POSITIVE, check
+from pipeline.training.phases import Phase, RunContext
 
 RegressorKind = Literal["r1d", "r2d_to_1d", "down", "same", "up"]
 
@@ -48,10 +52,10 @@ class HintPair:
 
 @dataclass(frozen=True)
 class FitNetsParams:
-    """FitNets as the authors run it. Stage 2 = KD (`temperature`, `alpha`, `alpha_schedule`, ... as in `kd`).
+    """FitNets as the authors run it. The main phase = KD (`temperature`, `alpha` as in `kd`).
 
-    `hint_epochs`: stage-1 epochs per dataset (authors 100). `hint_lr`: stage-1 Adam lr (authors 1e-3).
-    `taps`: per dataset, per pair key (`mm_to_m1`, `mm_to_m2`, `m2_to_m1`, `m1_to_m2`), the hint pairs.
+    `hint_epochs`: hint-phase epochs per dataset (authors 100). `hint_lr`: hint-phase Adam lr (authors 1e-3).
+    `taps`: per teacher architecture, per student architecture, the hint pairs.
     Switch `hint_scope`: default `tapped_layers` (authors, Q4: only student parameters whose name contains a
     student tap name); `trunk` (torchdistill's multi-stage FitNets): every student parameter up to and
     including the last tapped module in forward order.
@@ -59,25 +63,17 @@ class FitNetsParams:
     `ce`: the engine's usual rule (min val CE)."""
 
     teachers: list[str]
-    temperature: float = field(metadata={"check": (lambda v: v > 0, "a number > 0")})
-    alpha: float = field(metadata={"check": (lambda v: 0 <= v <= 1, "a number between 0 and 1")})
-    alpha_schedule: Literal["authors_step", "constant"]
-    alpha_decay_every: int = field(metadata={"check": (lambda v: v > 0, "an integer > 0")})
-    alpha_decay_factor: float = field(metadata={"check": (lambda v: 0 <= v <= 1, "a number between 0 and 1")})
-    hint_lr: float = field(metadata={"check": (lambda v: v > 0, "a number > 0")})
-    hint_epochs: dict[str, int] = field(metadata={"check": (_non_negative_values, "integers >= 0 per dataset")})
+    temperature: float = field(metadata=POSITIVE)
+    alpha: AlphaParams
+    hint_lr: float = field(metadata=POSITIVE)
+    hint_epochs: dict[str, int] = field(metadata=check(_non_negative_values, "integers >= 0 per dataset"))
     hint_scope: Literal["tapped_layers", "trunk"]
     selection: Literal["combined", "ce"]
-    taps: dict[str, dict[str, list[HintPair]]]
+    taps: PairTable[list[HintPair]]
 
-    def schedule(self) -> AlphaSchedule:
-        return AlphaSchedule(self.alpha, self.alpha_schedule, self.alpha_decay_every, self.alpha_decay_factor)
-
-
-def pair_key(teacher_config: str, target: str) -> str:
-    """`mm_to_m1`, `m2_to_m1`, ...: which teacher/student pair a run distils."""
-    other = "m2" if target == "m1" else "m1"
-    return f"{'mm' if teacher_config == 'mm' else other}_to_{target}"
+    def validate(self) -> None:
+        check_pair_table(self.taps, "taps", lambda pairs: [(side, getattr(h, side)) for h in pairs
+                                                           for side in ("teacher", "student")])
 
 
 class Regressor1D(nn.Module):
@@ -167,22 +163,6 @@ def hint_loss(predictions: list[torch.Tensor], targets: list[torch.Tensor]) -> t
     return torch.stack([F.mse_loss(p, t.detach()) for p, t in zip(predictions, targets, strict=True)]).sum()
 
 
-def _network_device(network: nn.Module) -> torch.device:
-    return next(network.parameters()).device
-
-
-def _on(batch: Batch, device: torch.device) -> Batch:
-    return {key: value.to(device) for key, value in batch.items()}
-
-
-@torch.no_grad()
-def tap_shapes(network: Network, names: list[str], sample: Batch) -> dict[str, tuple[int, ...]]:
-    """Per-sample output shape of each named module of `network.body` on `sample` (KeyError if missing)."""
-    with FeatureTaps(network.body, names) as taps:
-        network(_on(sample, _network_device(network)))
-        return {name: tuple(taps[name].shape[1:]) for name in names}
-
-
 @torch.no_grad()
 def trunk_parameter_names(network: Network, names: list[str], sample: Batch) -> set[str]:
     """Names of the parameters of every module of `network.body` whose forward completes no later than the
@@ -196,7 +176,8 @@ def trunk_parameter_names(network: Network, names: list[str], sample: Batch) -> 
 
     handles = [module.register_forward_hook(record(name)) for name, module in network.body.named_modules()]
     try:
-        network(_on(sample, _network_device(network)))
+        device = next(network.parameters()).device
+        network({key: value.to(device) for key, value in sample.items()})
     finally:
         for handle in handles:
             handle.remove()
@@ -208,15 +189,17 @@ def trunk_parameter_names(network: Network, names: list[str], sample: Batch) -> 
 
 @register
 class FitNets(DistillationMethod):
-    """Stage 1: hint training of the hinted student layers through regressors; stage 2: Hinton KD with a
-    frozen teacher (MM or CM), selected on the validation KD objective."""
+    """Phase `hint`: hint training of the hinted student layers through regressors; phase `main`: Hinton KD
+    with a frozen teacher (MM or CM), selected on the validation KD objective."""
 
     name = "fitnets"
+    display_name = "FitNets"
+    table_order = 30
     teacher_configs = ("mm", "cm")
     params_type = FitNetsParams
 
     def __init__(self, student: Network, teacher: Network, hints: list[HintPair], regressors: list[HintRegressor],
-                 guided: set[str], *, temperature: float, alpha: AlphaSchedule, hint_lr: float, hint_epochs: int,
+                 guided: set[str], *, temperature: float, alpha: AlphaParams, hint_lr: float, hint_epochs: int,
                  selection: str = "combined", cache_teacher_outputs: bool = True) -> None:
         super().__init__(student)
         self.teacher = self.freeze(teacher)
@@ -232,32 +215,34 @@ class FitNets(DistillationMethod):
         self.teacher_outputs = FrozenOutputs(self.teacher, enabled=cache_teacher_outputs)
         self.hint_targets: FrozenOutputs | None = None
         self._hint_shapes = [r.shape_out for r in regressors]
+        self._saved_requires_grad: dict[str, bool] = {}
 
     @classmethod
     def from_setup(cls, setup: MethodSetup) -> "FitNets":
         p = setup.method_params
-        key = pair_key(setup.teacher_config, setup.target)
-        if setup.dataset not in p.taps:
-            raise KeyError(f"fitnets.taps.{setup.dataset} is missing")
-        if key not in p.taps[setup.dataset]:
-            raise KeyError(f"fitnets.taps.{setup.dataset}.{key} is missing")
+        hints = pair_entry(p.taps, setup.teacher, setup.student, "fitnets.taps")
         if setup.dataset not in p.hint_epochs:
             raise KeyError(f"fitnets.hint_epochs.{setup.dataset} is missing")
-        hints = p.taps[setup.dataset][key]
-        teacher = setup.teacher.eval()
-        t_shapes = tap_shapes(teacher, [h.teacher for h in hints], setup.sample)
-        s_shapes = tap_shapes(setup.student, [h.student for h in hints], setup.sample)
+        t_shapes = probe_shapes(setup.teacher, [h.teacher for h in hints], setup.sample)
+        s_shapes = probe_shapes(setup.student, [h.student for h in hints], setup.sample)
         regressors = [HintRegressor(h.regressor, s_shapes[h.student], t_shapes[h.teacher]) for h in hints]
         student_taps = [h.student for h in hints]
         if p.hint_scope == "tapped_layers":  # Q4: a substring match on parameter names, as the authors
             guided = {name for name, _ in setup.student.named_parameters() if any(t in name for t in student_taps)}
         else:
             guided = trunk_parameter_names(setup.student, student_taps, setup.sample)
-        return cls(setup.student, teacher, hints, regressors, guided, temperature=p.temperature,
-                   alpha=p.schedule(), hint_lr=p.hint_lr, hint_epochs=p.hint_epochs[setup.dataset],
+        return cls(setup.student, setup.teacher, hints, regressors, guided, temperature=p.temperature,
+                   alpha=p.alpha, hint_lr=p.hint_lr, hint_epochs=p.hint_epochs[setup.dataset],
                    selection=p.selection, cache_teacher_outputs=setup.cache_frozen_outputs)
 
-    # ---- stage 1: hint training ----
+    def phases(self, context: RunContext) -> list[Phase]:
+        main = self.main_phase(context)
+        if self.hint_epochs == 0:
+            self.regressors = None
+            return [main]
+        return [self.hint_phase(context), main]
+
+    # ---- phase `hint` ----
 
     def _teacher_hints(self, batch: Batch) -> torch.Tensor:
         """The teacher's hint taps of `batch`, flattened and concatenated (one cacheable tensor)."""
@@ -272,7 +257,7 @@ class FitNets(DistillationMethod):
         return [part.reshape(len(flat), *shape) for part, shape in zip(parts, self._hint_shapes, strict=True)]
 
     def hint_terms(self, batch: Batch) -> dict[str, torch.Tensor]:
-        """The stage-1 loss of one batch, {"hint": Σ_pairs MSE(regressor(f_s), f_t)}."""
+        """The hint-phase loss of one batch, {"hint": Σ_pairs MSE(regressor(f_s), f_t)}."""
         assert self.regressors is not None and self.hint_targets is not None
         with FeatureTaps(self.student.body, [h.student for h in self.hints]) as taps:
             self.student(batch)
@@ -280,79 +265,73 @@ class FitNets(DistillationMethod):
         return {"hint": hint_loss(predictions, self._split_hints(self.hint_targets(batch)))}
 
     @torch.no_grad()
-    def _val_hint_loss(self, context: TrainContext) -> float:
+    def _val_hint_loss(self, context: RunContext) -> float:
         """Mean over validation batches of the batch hint loss (the authors' per-batch-mean convention)."""
         self.student.eval()
         self.regressors.eval()
-        losses = [self.hint_terms(batch)["hint"] for batch in context.data.batches(context.split["val"],
-                                                                                  context.batch_size)]
+        losses = [self.hint_terms(batch)["hint"] for batch in context.batches("val")]
         return torch.stack(losses).mean().item()
 
-    def _hint_training(self, context: TrainContext) -> None:
-        from pipeline.training.engine import optimise_epoch  # late: the engine imports the methods package
-
-        guided = [p for name, p in self.student.named_parameters() if name in self.guided]
-        optimizer = torch.optim.Adam([{"params": r.parameters()} for r in self.regressors] + [{"params": guided}],
-                                     lr=self.hint_lr)
-        # parameters outside the hint scope are not in the optimiser (Q4); switching their gradients off
-        # leaves them untouched and skips their backward
-        saved = {name: p.requires_grad for name, p in self.student.named_parameters()}
-        for name, p in self.student.named_parameters():
-            p.requires_grad_(name in self.guided)
-        best_loss, best_state = math.inf, None
-        try:
-            for epoch in range(self.hint_epochs):
-                self.student.train()
-                self.regressors.train()
-                metrics = optimise_epoch(self.hint_terms, context.data.batches(context.split["train"],
-                                                                               context.batch_size, context.generator),
-                                         optimizer, epoch)
-                val = self._val_hint_loss(context)
-                if val < best_loss:
-                    best_loss, best_state = val, copy.deepcopy(self.student.state_dict())
-                context.log({"hint_train_loss": metrics["train_loss"], "hint_val_loss": val}, epoch)
-        finally:
-            for name, p in self.student.named_parameters():
-                p.requires_grad_(saved[name])
-        if best_state is not None:
-            self.student.load_state_dict(best_state)
-        self.student.train()
-
-    def prepare(self, context: TrainContext) -> None:
+    def hint_phase(self, context: RunContext) -> Phase:
+        """Adam(hint_lr) over the regressors and the guided student parameters (Q4), selected on the mean
+        validation hint loss; the teacher's hint taps are cached for the training and validation samples."""
         train_val = torch.cat([context.split["train"], context.split["val"]])
-        # the teacher is frozen, in eval mode and sees no augmentation: its taps and logits are fixed per sample
-        self.teacher_outputs.prepare(context.data, train_val)
-        if self.hint_epochs > 0:
+
+        def before() -> None:
             table_bytes = len(context.data) * sum(math.prod(s) for s in self._hint_shapes) * 4
+            # the teacher is frozen, in eval mode and sees no augmentation: its taps are fixed per sample
             self.hint_targets = FrozenOutputs(self._teacher_hints,
                                               enabled=self.cache and table_bytes <= HINT_CACHE_LIMIT_BYTES)
             self.hint_targets.prepare(context.data, train_val)
-            self._hint_training(context)
-        # the regressors are discarded: stage 2 (and its optimiser) sees the student alone
-        self.regressors = None
-        self.hint_targets = None
+            # parameters outside the hint scope are not in the optimiser (Q4); switching their gradients off
+            # leaves them untouched and skips their backward
+            self._saved_requires_grad = {name: p.requires_grad for name, p in self.student.named_parameters()}
+            for name, p in self.student.named_parameters():
+                p.requires_grad_(name in self.guided)
 
-    # ---- stage 2: KD ----
+        def optimizer() -> torch.optim.Optimizer:
+            guided = [p for name, p in self.student.named_parameters() if name in self.guided]
+            return torch.optim.Adam([{"params": r.parameters()} for r in self.regressors] + [{"params": guided}],
+                                    lr=self.hint_lr)
+
+        def after() -> None:
+            for name, p in self.student.named_parameters():
+                p.requires_grad_(self._saved_requires_grad[name])
+            # the regressors are discarded: the main phase (and its optimiser) sees the student alone
+            self.regressors = None
+            self.hint_targets = None
+            self.student.train()
+
+        return Phase("hint", self.hint_epochs, lambda batch, epoch: self.hint_terms(batch), optimizer,
+                     train_modules=[self.student, self.regressors],
+                     validate=lambda epoch: {"val_hint": self._val_hint_loss(context)},
+                     score=lambda metrics, epoch: metrics["val_hint"], selected=[self.student],
+                     before=before, after=after)
+
+    # ---- phase `main`: KD ----
+
+    def prepare(self, context: RunContext) -> None:
+        # the teacher is frozen, in eval mode and sees no augmentation: its logits are fixed per sample
+        self.teacher_outputs.prepare(context.data, torch.cat([context.split["train"], context.split["val"]]))
 
     def _kd_terms(self, logits: torch.Tensor, batch: Batch, epoch: int) -> dict[str, torch.Tensor]:
-        alpha = self.alpha(epoch)
-        return {"ce": (1 - alpha) * F.cross_entropy(logits, batch["y"]),
-                "kd": alpha * hinton_kd_loss(logits, self.teacher_outputs(batch), self.temperature)}
+        return self.alpha.weigh(epoch, F.cross_entropy(logits, batch["y"]),
+                                {"kd": hinton_kd_loss(logits, self.teacher_outputs(batch), self.temperature)})
 
     def loss_terms(self, batch: Batch, epoch: int) -> Mapping[str, torch.Tensor]:
         return self._kd_terms(self.student(batch), batch, epoch)
 
     @torch.no_grad()
-    def validation_score(self, context: TrainContext, epoch: int) -> float | None:
+    def validation_score(self, context: RunContext, epoch: int) -> float | None:
         """Q5 (authors): mean over validation batches of (1 − α)·CE + α·KD at this epoch's α; `ce`: None."""
         if self.selection == "ce":
             return None
         was_training = self.student.training
         self.student.eval()
         losses = [torch.stack(list(self._kd_terms(self.student(batch), batch, epoch).values())).sum()
-                  for batch in context.data.batches(context.split["val"], context.batch_size)]
+                  for batch in context.batches("val")]
         self.student.train(was_training)
         return torch.stack(losses).mean().item()
 
     def epoch_values(self, epoch: int) -> dict[str, float]:
-        return {"alpha": self.alpha(epoch)}
+        return self.alpha.epoch_values(epoch)

@@ -1,11 +1,11 @@
 """MGDFR, the modality-general decisive features of MFH (Xue et al., ICLR 2023), as the authors run it
 (baselines-spec.md §2.9, §3, Q11). Cross-modal teacher only.
 
-Stage A (co-training): a fresh teacher of the other modality and a fresh student are trained together on
+Phase `co_training`: a fresh teacher of the other modality and a fresh student are trained together on
 CE_t + CE_s + MSE(z_t, z_s), no detach, one SGD(co_lr, momentum 0.9); the last epoch is kept. The teachers-
-stage checkpoint is not used (Q11). Stage B (salience): the salience of teacher feature i is the mean over
+stage checkpoint is not used (Q11). Then, once, the salience: the salience of teacher feature i is the mean over
 repeats and training batches of MSE(z_t with feature i permuted across the batch, z_s), min-max normalised.
-Stage C: KD into a fresh student from the co-trained teacher whose lowest-salience `ratio` of features are
+Phase `main`: KD into a fresh student from the co-trained teacher whose lowest-salience `ratio` of features are
 replaced by their batch mean in every teacher forward.
 """
 
@@ -19,10 +19,14 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.data.tensors import Batch
-from pipeline.methods.base import DistillationMethod, MethodSetup, TrainContext, register
-from pipeline.methods.kd import AlphaSchedule, hinton_kd_loss, softened_kl
+from pipeline.methods.common.alpha import AlphaParams
+from pipeline.methods.common.base import DistillationMethod, MethodSetup, register
+from pipeline.methods.common.features import PairTable, check_pair_table, pair_entry, probe_shapes
+from pipeline.methods.common.kl import hinton_kd_loss, softened_kl
 from pipeline.models.registry import Network
 from pipeline.models.taps import FeatureTaps
+from pipeline.params import POSITIVE, check
+from pipeline.training.phases import Phase, RunContext
 
 CO_MOMENTUM = 0.9  # the authors' and the official MFH co-training SGD momentum
 # Rows × per-row elements of the expanded tap tensor in one fast-salience forward (16 MB of float32): large
@@ -41,40 +45,38 @@ class MGDFRParams:
     `co_epochs` (authors 100), `repeat_permute` (authors 10) and `salience_batch_multiplier` (salience batch
     = multiplier × training batch; authors 6) per dataset; `co_lr`: co-training SGD lr (authors 1e-3;
     official MFH 1e-2). `ratio`: the fraction of teacher features (lowest salience) frozen to their batch mean
-    (0.75). `taps`: per dataset, per pair key (`m2_to_m1`: audio teacher → image student, `m1_to_m2`), the
-    teacher module whose output features are ranked. Stage C = KD (`temperature`, `alpha`, ...; as `kd`).
+    (0.75). `taps`: per teacher architecture, per student architecture, the teacher module whose output
+    features are ranked. The main phase = KD (`temperature`, `alpha`, as `kd`).
     Switch `kd_form`: default `authors` ((1 − α)·CE + α·T²·KL, T = `temperature`, α-sched); `official` (MFH's
     code): KL(p_t ‖ p_s) at T = 1 only, no CE (batchmean; MFH's KLDivLoss 'mean' only divides by C more).
     Switch `salience`: default `all_batches` (authors: accumulated over every salience batch); `last_batch`
     (official MFH: overwritten per batch, so only the last batch counts).
-    `salience_taps`: per dataset and pair, where the salience permutation is applied: the tap itself or a
+    `salience_taps`: per architecture pair, where the salience permutation is applied: the tap itself or a
     later module with exactly the same salience (only per-channel, row-wise operations in between; checked
     at run time). For ThreeLayerCNN-A, `conv3_maxpool` (after ReLU and 2×2 max-pool) equals `conv3` and makes
     the salience ~15× cheaper (the layers after the permutation point run on repeats × D × n_train rows)."""
 
     teachers: list[str]
-    temperature: float = field(metadata={"check": (lambda v: v > 0, "a number > 0")})
-    alpha: float = field(metadata={"check": (lambda v: 0 <= v <= 1, "a number between 0 and 1")})
-    alpha_schedule: Literal["authors_step", "constant"]
-    alpha_decay_every: int = field(metadata={"check": (lambda v: v > 0, "an integer > 0")})
-    alpha_decay_factor: float = field(metadata={"check": (lambda v: 0 <= v <= 1, "a number between 0 and 1")})
+    temperature: float = field(metadata=POSITIVE)
+    alpha: AlphaParams
     kd_form: Literal["authors", "official"]
-    co_lr: float = field(metadata={"check": (lambda v: v > 0, "a number > 0")})
+    co_lr: float = field(metadata=POSITIVE)
     co_epochs: dict[str, int] = field(metadata={"check": (_all(lambda v: v > 0), "integers > 0 per dataset")})
     repeat_permute: dict[str, int] = field(metadata={"check": (_all(lambda v: v > 0), "integers > 0 per dataset")})
     salience_batch_multiplier: dict[str, int] = field(metadata={"check": (_all(lambda v: v > 0),
                                                                           "integers > 0 per dataset")})
     salience: Literal["all_batches", "last_batch"]
     ratio: float = field(metadata={"check": (lambda v: 0 <= v < 1, "a number in [0, 1)")})
-    taps: dict[str, dict[str, str]]
-    salience_taps: dict[str, dict[str, str]]
+    taps: PairTable[str]
+    salience_taps: PairTable[str]
 
-    def schedule(self) -> AlphaSchedule:
-        return AlphaSchedule(self.alpha, self.alpha_schedule, self.alpha_decay_every, self.alpha_decay_factor)
+    def validate(self) -> None:
+        check_pair_table(self.taps, "taps", lambda name: [("teacher", name)])
+        check_pair_table(self.salience_taps, "salience_taps", lambda name: [("teacher", name)])
 
 
 def co_training_terms(teacher: Network, student: Network, batch: Batch) -> dict[str, torch.Tensor]:
-    """Stage A: CE(z_t, y), CE(z_s, y) and MSE(z_t, z_s) (mean reduction, gradients to both networks;
+    """Co-training: CE(z_t, y), CE(z_s, y) and MSE(z_t, z_s) (mean reduction, gradients to both networks;
     MFH co-training, baselines-spec.md §2.9)."""
     z_t, z_s = teacher(batch), student(batch)
     return {"ce_teacher": F.cross_entropy(z_t, batch["y"]), "ce_student": F.cross_entropy(z_s, batch["y"]),
@@ -220,16 +222,18 @@ class MGDFR(DistillationMethod):
     salience, then distil into a fresh student from the teacher with its low-salience features frozen."""
 
     name = "mgdfr"
+    display_name = "MGDFR"
+    table_order = 80
     teacher_configs = ("cm",)
     params_type = MGDFRParams
 
     def __init__(self, student: Network, teacher: Network, co_student: Network, tap: str, *,
                  salience_tap: str | None = None, temperature: float,
-                 alpha: AlphaSchedule, kd_form: str = "authors", co_lr: float = 1e-3, co_epochs: int = 100,
+                 alpha: AlphaParams, kd_form: str = "authors", co_lr: float = 1e-3, co_epochs: int = 100,
                  repeats: int = 10, salience_batch_multiplier: int = 6, salience: str = "all_batches",
                  ratio: float = 0.75) -> None:
         super().__init__(student)
-        # stage A trains `teacher` and `co_student`; both leave the optimised set before stage C
+        # co-training trains `teacher` and `co_student`; both leave the optimised set before the main phase
         self.teacher = teacher
         self.co_student: Network | None = co_student
         self.tap = tap
@@ -250,57 +254,50 @@ class MGDFR(DistillationMethod):
     @classmethod
     def from_setup(cls, setup: MethodSetup) -> "MGDFR":
         p = setup.method_params
-        other = "m2" if setup.target == "m1" else "m1"
-        key = f"{other}_to_{setup.target}"
-        for block in ("taps", "salience_taps", "co_epochs", "repeat_permute", "salience_batch_multiplier"):
+        for block in ("co_epochs", "repeat_permute", "salience_batch_multiplier"):
             if setup.dataset not in getattr(p, block):
                 raise KeyError(f"mgdfr.{block}.{setup.dataset} is missing")
-        for block in ("taps", "salience_taps"):
-            if key not in getattr(p, block)[setup.dataset]:
-                raise KeyError(f"mgdfr.{block}.{setup.dataset}.{key} is missing")
-        tap, salience_tap = p.taps[setup.dataset][key], p.salience_taps[setup.dataset][key]
         # Q11: MGDFR's teacher is co-trained from scratch; the teachers-stage checkpoint is not used
-        teacher, co_student = setup.build_network(other), setup.build_network(setup.target)
-        with torch.no_grad(), FeatureTaps(teacher.body, [tap, salience_tap]) as taps:  # KeyError naming a missing one
-            device = next(teacher.parameters()).device
-            teacher.eval()({name: value.to(device) for name, value in setup.sample.items()})
-            if taps[tap].shape[1] != taps[salience_tap].shape[1]:
-                raise ValueError(f"mgdfr.salience_taps.{setup.dataset}.{key}: {salience_tap!r} has "
-                                 f"{taps[salience_tap].shape[1]} features but tap {tap!r} has {taps[tap].shape[1]}")
+        teacher, co_student = setup.build_network(setup.other), setup.build_network(setup.target)
+        tap = pair_entry(p.taps, teacher, setup.student, "mgdfr.taps")
+        salience_tap = pair_entry(p.salience_taps, teacher, setup.student, "mgdfr.salience_taps")
+        shapes = probe_shapes(teacher, [tap, salience_tap], setup.sample)
+        if shapes[tap][0] != shapes[salience_tap][0]:
+            raise ValueError(f"mgdfr.salience_taps.{teacher.arch}.{setup.student.arch}: {salience_tap!r} has "
+                             f"{shapes[salience_tap][0]} features but tap {tap!r} has {shapes[tap][0]}")
         return cls(setup.student, teacher, co_student, tap, salience_tap=salience_tap, temperature=p.temperature,
-                   alpha=p.schedule(), kd_form=p.kd_form, co_lr=p.co_lr, co_epochs=p.co_epochs[setup.dataset],
+                   alpha=p.alpha, kd_form=p.kd_form, co_lr=p.co_lr, co_epochs=p.co_epochs[setup.dataset],
                    repeats=p.repeat_permute[setup.dataset], salience=p.salience, ratio=p.ratio,
                    salience_batch_multiplier=p.salience_batch_multiplier[setup.dataset])
 
-    def _co_training(self, context: TrainContext) -> None:
-        from pipeline.training.engine import optimise_epoch  # late: the engine imports the methods package
+    def phases(self, context: RunContext) -> list[Phase]:
+        return [self.co_training_phase(), self.main_phase(context)]
 
+    def co_training_phase(self) -> Phase:
+        """CE_t + CE_s + MSE(z_t, z_s) over the fresh teacher and co-student, one SGD(co_lr, momentum 0.9); the
+        last epoch is kept (no selection, as MFH)."""
         networks = (self.teacher, self.co_student)
-        optimizer = torch.optim.SGD([p for net in networks for p in net.parameters()], lr=self.co_lr,
-                                    momentum=CO_MOMENTUM)
-        for epoch in range(self.co_epochs):
-            for net in networks:
-                net.train()
-            metrics = optimise_epoch(lambda batch: co_training_terms(self.teacher, self.co_student, batch),
-                                     context.data.batches(context.split["train"], context.batch_size,
-                                                          context.generator), optimizer, epoch)
-            context.log({f"co_{name}": value for name, value in metrics.items()}, epoch)
+        return Phase("co_training", self.co_epochs,
+                     lambda batch, epoch: co_training_terms(self.teacher, self.co_student, batch),
+                     lambda: torch.optim.SGD([p for net in networks for p in net.parameters()], lr=self.co_lr,
+                                             momentum=CO_MOMENTUM),
+                     train_modules=networks)
 
-    def _compute_salience(self, context: TrainContext) -> torch.Tensor:
+    def _compute_salience(self, context: RunContext) -> torch.Tensor:
         self.co_student.eval()
-        batches = context.data.batches(context.split["train"], self.salience_batch_multiplier * context.batch_size,
-                                       context.generator)
+        batches = context.batches("train", self.salience_batch_multiplier * context.batch_size, shuffle=True)
         raw = permutation_salience(self.teacher, self.salience_tap, batches, self.co_student, self.repeats,
                                    context.generator, accumulate=self.salience_mode == "all_batches",
                                    definition_tap=self.tap)
         return min_max_normalise(raw)
 
-    def prepare(self, context: TrainContext) -> None:
-        self._co_training(context)
+    def prepare(self, context: RunContext) -> None:
+        """Between the phases: rank the co-trained teacher's features by salience, freeze the teacher and
+        hook the freezing of its lowest-salience `ratio` of features into every teacher forward."""
         self.salience = self._compute_salience(context)
         self.co_student = None
         self.freeze(self.teacher)
-        for p in self.teacher.parameters():  # stage A's last gradients must not linger on a frozen teacher
+        for p in self.teacher.parameters():  # co-training's last gradients must not linger on a frozen teacher
             p.grad = None
         order = torch.argsort(self.salience, stable=True)
         self.frozen_features = order[:int(self.ratio * len(order))].to(self.salience.device)
@@ -318,9 +315,8 @@ class MGDFR(DistillationMethod):
         teacher_logits = self.teacher_logits(batch)
         if self.kd_form == "official":  # MFH: KL only, T = 1
             return {"kd": softened_kl(logits, teacher_logits, 1.0)}
-        alpha = self.alpha(epoch)
-        return {"ce": (1 - alpha) * F.cross_entropy(logits, batch["y"]),
-                "kd": alpha * hinton_kd_loss(logits, teacher_logits, self.temperature)}
+        return self.alpha.weigh(epoch, F.cross_entropy(logits, batch["y"]),
+                                {"kd": hinton_kd_loss(logits, teacher_logits, self.temperature)})
 
     def epoch_values(self, epoch: int) -> dict[str, float]:
-        return {"alpha": self.alpha(epoch)} if self.kd_form == "authors" else {}
+        return self.alpha.epoch_values(epoch) if self.kd_form == "authors" else {}

@@ -11,16 +11,17 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.data.tensors import Batch
-from pipeline.methods.base import DistillationMethod, MethodSetup, TrainContext, register
-from pipeline.methods.frozen import FrozenOutputs
-from pipeline.methods.kd import AlphaSchedule
+from pipeline.methods.common.alpha import AlphaParams
+from pipeline.methods.common.base import DistillationMethod, MethodSetup, register
+from pipeline.methods.common.frozen import FrozenOutputs
 from pipeline.models.registry import Network
+from pipeline.training.phases import RunContext
 
 
 @dataclass(frozen=True)
 class MLLDParams:
     """MLLD as the authors run it: (1 − α)·CE + α·L_MLLD over `temperatures` {2, 3, 4, 5, 6}, α = 0.5 with
-    the authors' step schedule (see KDParams for `alpha_schedule`, `alpha_decay_every`, `alpha_decay_factor`).
+    the authors' step schedule (`alpha`, see AlphaParams).
 
     Switches (default = the authors' main-MLLD.py; the other value = the official MLLD code,
     Jin-Ying/Multi-Level-Logit-Distillation):
@@ -31,22 +32,16 @@ class MLLDParams:
       fraction of samples whose teacher confidence max softmax(z_t) is ≤ the batch median, the class
       term by the fraction of classes whose batch-summed teacher probability is ≤ the median over classes
       (the official code masks an already-reduced scalar, so the mask acts as that fraction).
-    The official recipe also uses CE 0.1 / KD 0.9 with no decay: `alpha: 0.9`, `alpha_schedule: constant`.
+    The official recipe also uses CE 0.1 / KD 0.9 with no decay: `alpha: {initial: 0.9, schedule: constant}`.
     Left out (no augmentation in this benchmark): the official strong-augmentation view, i.e. its CE and
     unmasked instance terms on the strongly augmented images."""
 
     teachers: list[str]
     temperatures: list[float] = field(metadata={"check": (lambda v: len(v) > 0 and all(t > 0 for t in v),
                                                           "a non-empty list of numbers > 0")})
-    alpha: float = field(metadata={"check": (lambda v: 0 <= v <= 1, "a number between 0 and 1")})
-    alpha_schedule: Literal["authors_step", "constant"]
-    alpha_decay_every: int = field(metadata={"check": (lambda v: v > 0, "an integer > 0")})
-    alpha_decay_factor: float = field(metadata={"check": (lambda v: 0 <= v <= 1, "a number between 0 and 1")})
+    alpha: AlphaParams
     normalisation: Literal["authors", "official"]
     confidence_masks: bool
-
-    def schedule(self) -> AlphaSchedule:
-        return AlphaSchedule(self.alpha, self.alpha_schedule, self.alpha_decay_every, self.alpha_decay_factor)
 
 
 def confidence_fractions(teacher_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,10 +106,12 @@ class MultiLevelLogitDistillation(DistillationMethod):
     reported as separate terms `mlld_instance`, `mlld_class`, `mlld_batch` (each already × α)."""
 
     name = "mlld"
+    display_name = "MLLD"
+    table_order = 20
     teacher_configs = ("mm", "cm")
     params_type = MLLDParams
 
-    def __init__(self, student: Network, teacher: Network, temperatures: Sequence[float], alpha: AlphaSchedule,
+    def __init__(self, student: Network, teacher: Network, temperatures: Sequence[float], alpha: AlphaParams,
                  normalisation: str = "authors", confidence_masks: bool = False,
                  cache_teacher_outputs: bool = True) -> None:
         super().__init__(student)
@@ -131,19 +128,18 @@ class MultiLevelLogitDistillation(DistillationMethod):
     @classmethod
     def from_setup(cls, setup: MethodSetup) -> "MultiLevelLogitDistillation":
         p = setup.method_params
-        return cls(setup.student, setup.teacher, p.temperatures, p.schedule(), p.normalisation, p.confidence_masks,
+        return cls(setup.student, setup.teacher, p.temperatures, p.alpha, p.normalisation, p.confidence_masks,
                    setup.cache_frozen_outputs)
 
-    def prepare(self, context: TrainContext) -> None:
+    def prepare(self, context: RunContext) -> None:
         self.teacher_outputs.prepare(context.data, context.split["train"])
 
     def loss_terms(self, batch: Batch, epoch: int) -> Mapping[str, torch.Tensor]:
-        alpha = self.alpha(epoch)
         logits = self.student(batch)
         levels = multi_level_terms(logits, self.teacher_outputs(batch), self.temperatures, self.normalisation,
                                    self.confidence_masks)
-        return {"ce": (1 - alpha) * F.cross_entropy(logits, batch["y"]),
-                **{f"mlld_{name}": alpha * value for name, value in levels.items()}}
+        return self.alpha.weigh(epoch, F.cross_entropy(logits, batch["y"]),
+                                {f"mlld_{name}": value for name, value in levels.items()})
 
     def epoch_values(self, epoch: int) -> dict[str, float]:
-        return {"alpha": self.alpha(epoch)}
+        return self.alpha.epoch_values(epoch)

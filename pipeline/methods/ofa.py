@@ -12,42 +12,42 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.data.tensors import Batch
-from pipeline.methods.base import DistillationMethod, MethodSetup, TrainContext, register
-from pipeline.methods.frozen import FrozenOutputs
-from pipeline.methods.kd import AlphaSchedule
+from pipeline.methods.common.alpha import AlphaParams
+from pipeline.methods.common.base import DistillationMethod, MethodSetup, register
+from pipeline.methods.common.features import PairTable, check_pair_table, pair_entry, probe_shapes
+from pipeline.methods.common.frozen import FrozenOutputs
 from pipeline.models.registry import Network
 from pipeline.models.taps import FeatureTaps
+from pipeline.params import POSITIVE
+from pipeline.training.phases import RunContext
 
 
 @dataclass(frozen=True)
 class OFAParams:
     """OFA as the authors run it: (1 − α)·CE + α·mean over student taps of OFA(projector(tap), z_t, y),
-    ε = 1.1, T = 1, α = 0.5 with the authors' step schedule (see KDParams for the α fields).
+    ε = 1.1, T = 1, α = 0.5 with the authors' step schedule (`alpha`, see AlphaParams).
 
-    `taps`: per dataset, per teacher→student pair (`mm_to_m1`, `mm_to_m2`, `m2_to_m1`, `m1_to_m2`), the
-    student modules whose outputs get a projector (4-D outputs: two SepConvs; 2-D: an MLP).
+    `taps`: per teacher architecture, per student architecture, the student modules whose outputs get a
+    projector (4-D outputs: two SepConvs; 2-D: an MLP).
     `eps`: the target exponent ε; authors 1.1 (`--ofa_eps`), the official OFAKD default is 1.0 (its
     examples use 1.0–1.5). Switches (default = authors' main-OFA.py; other value = official OFAKD code):
     - `aggregation`: `mean` over the taps (authors) or `sum` (official);
     - `logit_term`: false (authors) or true (official: the OFA loss on the student's own logits is added).
-    The official weights are 1·CE + 1·OFA(logits) + 1·Σ branches: `alpha: 0.5`, `alpha_schedule: constant`,
+    The official weights are 1·CE + 1·OFA(logits) + 1·Σ branches: `alpha: {initial: 0.5, schedule: constant}`,
     `aggregation: sum`, `logit_term: true` gives exactly half of that (Adam is almost invariant to the scale).
     Not reproduced: the official projector depth (4 − stage SepConvs ending in max(feat_s, feat_t) channels),
     which is tied to 4-stage ImageNet backbones; the authors' fixed two-SepConv / 2K design is kept."""
 
     teachers: list[str]
-    taps: dict[str, dict[str, list[str]]]
-    eps: float = field(metadata={"check": (lambda v: v > 0, "a number > 0")})
-    temperature: float = field(metadata={"check": (lambda v: v > 0, "a number > 0")})
-    alpha: float = field(metadata={"check": (lambda v: 0 <= v <= 1, "a number between 0 and 1")})
-    alpha_schedule: Literal["authors_step", "constant"]
-    alpha_decay_every: int = field(metadata={"check": (lambda v: v > 0, "an integer > 0")})
-    alpha_decay_factor: float = field(metadata={"check": (lambda v: 0 <= v <= 1, "a number between 0 and 1")})
+    taps: PairTable[list[str]]
+    eps: float = field(metadata=POSITIVE)
+    temperature: float = field(metadata=POSITIVE)
+    alpha: AlphaParams
     aggregation: Literal["mean", "sum"]
     logit_term: bool
 
-    def schedule(self) -> AlphaSchedule:
-        return AlphaSchedule(self.alpha, self.alpha_schedule, self.alpha_decay_every, self.alpha_decay_factor)
+    def validate(self) -> None:
+        check_pair_table(self.taps, "taps", lambda names: [("student", name) for name in names])
 
 
 def ofa_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, eps: float,
@@ -108,23 +108,18 @@ def init_projector(module: nn.Module) -> None:
                 nn.init.zeros_(m.bias)
 
 
-def build_projector(feature_shape: torch.Size, num_classes: int) -> nn.Module:
-    """An initialised exit for a tap whose per-batch output shape is `feature_shape`: (B, C, H, W) → conv
-    projector, (B, d) → MLP projector."""
-    if len(feature_shape) == 4:
-        projector = conv_projector(feature_shape[1], num_classes)
-    elif len(feature_shape) == 2:
-        projector = mlp_projector(feature_shape[1], num_classes)
+def build_projector(feature_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """An initialised exit for a tap whose per-sample output shape is `feature_shape`: (C, H, W) → conv
+    projector, (d,) → MLP projector."""
+    if len(feature_shape) == 3:
+        projector = conv_projector(feature_shape[0], num_classes)
+    elif len(feature_shape) == 1:
+        projector = mlp_projector(feature_shape[0], num_classes)
     else:
-        raise ValueError(f"OFA projectors take (B, C, H, W) or (B, d) features, got shape {tuple(feature_shape)}")
+        raise ValueError(f"OFA projectors take (C, H, W) or (d,) features per sample, got shape "
+                         f"{tuple(feature_shape)}")
     init_projector(projector)
     return projector
-
-
-def pair_key(teacher_config: str, target: str) -> str:
-    """`mm_to_m1`, `m2_to_m1`, ...: which teacher (MM, or the other modality for CM) feeds which student."""
-    other = "m2" if target == "m1" else "m1"
-    return f"{'mm' if teacher_config == 'mm' else other}_to_{target}"
 
 
 @register
@@ -133,11 +128,13 @@ class OneForAll(DistillationMethod):
     frozen teacher (MM or CM) and one trainable projector per student tap, optimised with the student."""
 
     name = "ofa"
+    display_name = "OFA"
+    table_order = 40
     teacher_configs = ("mm", "cm")
     params_type = OFAParams
 
     def __init__(self, student: Network, teacher: Network, taps: list[str], projectors: list[nn.Module],
-                 eps: float, temperature: float, alpha: AlphaSchedule, aggregation: str = "mean",
+                 eps: float, temperature: float, alpha: AlphaParams, aggregation: str = "mean",
                  logit_term: bool = False, cache_teacher_outputs: bool = True) -> None:
         super().__init__(student)
         if len(taps) != len(projectors) or not taps:
@@ -158,27 +155,16 @@ class OneForAll(DistillationMethod):
     @classmethod
     def from_setup(cls, setup: MethodSetup) -> "OneForAll":
         p = setup.method_params
-        key = pair_key(setup.teacher_config, setup.target)
-        if setup.dataset not in p.taps:
-            raise KeyError(f"ofa.taps.{setup.dataset} is missing")
-        if key not in p.taps[setup.dataset]:
-            raise KeyError(f"ofa.taps.{setup.dataset}.{key} is missing")
-        taps = p.taps[setup.dataset][key]
-        student = setup.student
-        was_training = student.training
-        student.eval()  # sizing forward only: must not touch BN running statistics
-        with torch.no_grad(), FeatureTaps(student.body, taps) as recorded:
-            student(setup.sample)
-        student.train(was_training)
-        projectors = [build_projector(recorded[name].shape, setup.num_classes) for name in taps]
-        return cls(student, setup.teacher, taps, projectors, p.eps, p.temperature, p.schedule(), p.aggregation,
+        taps = pair_entry(p.taps, setup.teacher, setup.student, "ofa.taps")
+        shapes = probe_shapes(setup.student, taps, setup.sample)
+        projectors = [build_projector(shapes[name], setup.num_classes) for name in taps]
+        return cls(setup.student, setup.teacher, taps, projectors, p.eps, p.temperature, p.alpha, p.aggregation,
                    p.logit_term, setup.cache_frozen_outputs)
 
-    def prepare(self, context: TrainContext) -> None:
+    def prepare(self, context: RunContext) -> None:
         self.teacher_outputs.prepare(context.data, context.split["train"])
 
     def loss_terms(self, batch: Batch, epoch: int) -> Mapping[str, torch.Tensor]:
-        alpha = self.alpha(epoch)
         with FeatureTaps(self.student.body, self.taps) as recorded:
             logits = self.student(batch)
         teacher_logits = self.teacher_outputs(batch)
@@ -187,10 +173,10 @@ class OneForAll(DistillationMethod):
                                          self.temperature)
                                 for name, projector in zip(self.taps, self.projectors)])
         branch_loss = branches.mean() if self.aggregation == "mean" else branches.sum()
-        terms = {"ce": (1 - alpha) * F.cross_entropy(logits, labels), "ofa": alpha * branch_loss}
+        terms = {"ofa": branch_loss}
         if self.logit_term:
-            terms["ofa_logits"] = alpha * ofa_loss(logits, teacher_logits, labels, self.eps, self.temperature)
-        return terms
+            terms["ofa_logits"] = ofa_loss(logits, teacher_logits, labels, self.eps, self.temperature)
+        return self.alpha.weigh(epoch, F.cross_entropy(logits, labels), terms)
 
     def epoch_values(self, epoch: int) -> dict[str, float]:
-        return {"alpha": self.alpha(epoch)}
+        return self.alpha.epoch_values(epoch)

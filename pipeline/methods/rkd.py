@@ -12,22 +12,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.data.tensors import Batch
-from pipeline.methods.base import (
-    DistillationMethod,
-    MethodSetup,
-    TrainContext,
-    register,
-)
-from pipeline.methods.frozen import FrozenOutputs
-from pipeline.methods.kd import AlphaSchedule
-from pipeline.methods.tapped_features import FeatureTap, L2Embedding, PairTaps, TappedNetwork
+from pipeline.methods.common.alpha import AlphaParams
+from pipeline.methods.common.base import DistillationMethod, MethodSetup, register
+from pipeline.methods.common.features import PairTable, check_pair_table, pair_entry
+from pipeline.methods.common.frozen import FrozenOutputs
+from pipeline.methods.common.tapped_features import FeatureTap, L2Embedding, PairTaps, TappedNetwork
+from pipeline.params import NON_NEGATIVE, POSITIVE, check
+from pipeline.training.phases import RunContext
 from pipeline.models.registry import Network
 
 
 @dataclass(frozen=True)
 class RKDParams:
     """RKD as the authors run it: (1 − α)·CE + α·(1·L_dist + 2·L_angle) on 128-d embeddings, α = 0.5 halved
-    every 30 epochs (`alpha_*`, as KDParams).
+    every 30 epochs (`alpha`, see AlphaParams).
 
     Switches (default authors; original = RepDistiller / mdistiller classification setting):
     - `loss_form`: `authors` (1 − α)·CE + α·L_RKD; `original` 1·CE + 1·L_RKD (α unused).
@@ -36,22 +34,20 @@ class RKDParams:
       feature → a fixed random Linear(d→`feat_dim`) + L2 normalisation (Q3: the authors' teacher embedding
       is in the optimiser but never gets a gradient); `none` — the raw tapped features, as RepDistiller
       (memory grows with B²·d, so meant for small features such as AV-Digits').
-    `taps[dataset][pair]`: pair = `mm_to_m1`, `mm_to_m2`, `m2_to_m1`, `m1_to_m2` (teacher → student)."""
+    `taps[teacher architecture][student architecture]`: the teacher and student taps of that pair."""
 
     teachers: list[str]
-    alpha: float = field(metadata={"check": (lambda v: 0 <= v <= 1, "a number between 0 and 1")})
-    alpha_schedule: Literal["authors_step", "constant"]
-    alpha_decay_every: int = field(metadata={"check": (lambda v: v > 0, "an integer > 0")})
-    alpha_decay_factor: float = field(metadata={"check": (lambda v: 0 <= v <= 1, "a number between 0 and 1")})
+    alpha: AlphaParams
     loss_form: Literal["authors", "original"]
-    distance_weight: float = field(metadata={"check": (lambda v: v >= 0, "a number >= 0")})
-    angle_weight: float = field(metadata={"check": (lambda v: v >= 0, "a number >= 0")})
+    distance_weight: float = field(metadata=NON_NEGATIVE)
+    angle_weight: float = field(metadata=NON_NEGATIVE)
     embedding: Literal["authors", "none"]
-    feat_dim: int = field(metadata={"check": (lambda v: v > 0, "an integer > 0")})
-    taps: dict[str, dict[str, PairTaps]]
+    feat_dim: int = field(metadata=POSITIVE)
+    taps: PairTable[PairTaps]
 
-    def schedule(self) -> AlphaSchedule:
-        return AlphaSchedule(self.alpha, self.alpha_schedule, self.alpha_decay_every, self.alpha_decay_factor)
+    def validate(self) -> None:
+        check_pair_table(self.taps, "taps", lambda pair: [("teacher", pair.teacher.module),
+                                                          ("student", pair.student.module)])
 
 
 def pairwise_distances(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -99,6 +95,8 @@ class RelationalKD(DistillationMethod):
     e = L2-normalised 128-d embeddings of the tapped features (baselines-spec.md §2.6)."""
 
     name = "rkd"
+    display_name = "RKD"
+    table_order = 50
     teacher_configs = ("mm", "cm")
     params_type = RKDParams
 
@@ -108,7 +106,7 @@ class RelationalKD(DistillationMethod):
         super().__init__(student)
         self.teacher = self.freeze(teacher)
         self.params = params
-        self.alpha = params.schedule()
+        self.alpha = params.alpha
         self.student_tapped = TappedNetwork(student, student_tap, f"{where}.student")
         self.teacher_tapped = TappedNetwork(self.teacher, teacher_tap, f"{where}.teacher")
         d_student = self.student_tapped.width(sample)
@@ -131,16 +129,12 @@ class RelationalKD(DistillationMethod):
     @classmethod
     def from_setup(cls, setup: MethodSetup) -> RelationalKD:
         params: RKDParams = setup.method_params
-        other = "m2" if setup.target == "m1" else "m1"
-        key = f"{'mm' if setup.teacher_config == 'mm' else other}_to_{setup.target}"
-        where = f"{cls.name}.taps.{setup.dataset}.{key}"
-        if key not in params.taps.get(setup.dataset, {}):
-            raise KeyError(f"{where} is missing")
-        pair = params.taps[setup.dataset][key]
+        pair = pair_entry(params.taps, setup.teacher, setup.student, f"{cls.name}.taps")
+        where = f"{cls.name}.taps.{setup.teacher.arch}.{setup.student.arch}"
         return cls(setup.student, setup.teacher, pair.student, pair.teacher, params, setup.sample,
                    setup.cache_frozen_outputs, where)
 
-    def prepare(self, context: TrainContext) -> None:
+    def prepare(self, context: RunContext) -> None:
         self.teacher_embeddings.prepare(context.data, context.split["train"])
 
     def loss_terms(self, batch: Batch, epoch: int) -> Mapping[str, torch.Tensor]:
@@ -152,8 +146,7 @@ class RelationalKD(DistillationMethod):
         angle = self.params.angle_weight * rkd_angle_loss(e_s, e_t)
         if self.params.loss_form == "original":
             return {"ce": ce, "rkd_distance": distance, "rkd_angle": angle}
-        alpha = self.alpha(epoch)
-        return {"ce": (1 - alpha) * ce, "rkd_distance": alpha * distance, "rkd_angle": alpha * angle}
+        return self.alpha.weigh(epoch, ce, {"rkd_distance": distance, "rkd_angle": angle})
 
     def epoch_values(self, epoch: int) -> dict[str, float]:
-        return {"alpha": self.alpha(epoch)} if self.params.loss_form == "authors" else {}
+        return self.alpha.epoch_values(epoch) if self.params.loss_form == "authors" else {}

@@ -54,3 +54,22 @@ def build_network(arch: str, inputs: Sequence[str], num_classes: int,
 
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+# Per-sample input shapes used only to enumerate module names (names do not depend on input sizes).
+_PROBE_SHAPES = {"lenet5": [(1, 28, 28)], "three_layer_cnn_a": [(1, 16, 16)], "cnn_i": [(1, 28, 28), (1, 16, 16)]}
+
+
+def module_names(arch: str) -> list[str]:
+    """Names of the submodules of architecture `arch`'s body (what taps and hooks may name), without
+    allocating weights."""
+    if arch not in _NAMES_CACHE:
+        if arch not in _BUILDERS:
+            raise KeyError(f"unknown architecture {arch!r}; available: {', '.join(available_architectures())}")
+        with torch.device("meta"):
+            body = _BUILDERS[arch](10, _PROBE_SHAPES[arch])
+        _NAMES_CACHE[arch] = [name for name, _ in body.named_modules() if name]
+    return _NAMES_CACHE[arch]
+
+
+_NAMES_CACHE: dict[str, list[str]] = {}

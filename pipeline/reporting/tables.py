@@ -1,4 +1,6 @@
-"""Table 1 (and the teachers table) from the stages' results files, as Markdown, CSV and DVC metrics.
+"""The paper's tables and figures from the stages' results files: Table 1 (rows from the method registry),
+Table 3 (rows from MST-Distill's stage settings), the teachers table, the top-k sweep (Fig. 6), the routing
+figures (Fig. 4), the DVC metrics and the DVC plot data.
 
 Cells are test accuracy of the selected checkpoint in percent, mean ± sample standard deviation over
 seeds; in each column the best row is bold and the second best underlined, as in the paper.
@@ -15,42 +17,36 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.data.catalog import dataset_spec
+from pipeline.errors import UserError
+from pipeline.methods import table_rows
+from pipeline.methods.mst.settings import STAGE_SETTINGS
 from pipeline.models.registry import DISPLAY_NAMES
+
+TARGETS = ("m1", "m2")
 
 
 @dataclass(frozen=True)
 class Row:
-    label: str       # as printed in the table
     key: str         # metrics key
+    label: str       # as printed in the table
     method: str
     teacher: str     # "none", "mm", "cm", "mm+cm"
-    stage: str | None = None  # only runs of this stage (w/o KD: not the teachers' own runs)
+
+    def matches(self, run: dict) -> bool:
+        """Whether a run record is one of this row's cells: the w/o KD row takes the unimodal networks trained at
+        the students' settings; MST-Distill its phase-3 runs; every other row its distill-stage runs."""
+        if self.method == "ce":
+            return run["method"] == "ce" and run["setting"] == "wo_kd"
+        stage = "mst_s3" if self.method == "mst" else "distill"
+        return run["stage"] == stage and run["method"] == self.method and run["teacher"] == self.teacher
 
 
-# The paper's Table 1 rows, in its order; later methods add rows here.
-TABLE1_ROWS = (
-    Row("w/o KD", "wo_kd", "ce", "none", stage="wo_kd"),
-    Row("KD (MM)", "kd_mm", "kd", "mm"),
-    Row("KD (CM)", "kd_cm", "kd", "cm"),
-    Row("MLLD (MM)", "mlld_mm", "mlld", "mm"),
-    Row("MLLD (CM)", "mlld_cm", "mlld", "cm"),
-    Row("FitNets (MM)", "fitnets_mm", "fitnets", "mm"),
-    Row("FitNets (CM)", "fitnets_cm", "fitnets", "cm"),
-    Row("OFA (MM)", "ofa_mm", "ofa", "mm"),
-    Row("OFA (CM)", "ofa_cm", "ofa", "cm"),
-    Row("RKD (MM)", "rkd_mm", "rkd", "mm"),
-    Row("RKD (CM)", "rkd_cm", "rkd", "cm"),
-    Row("CRD (MM)", "crd_mm", "crd", "mm"),
-    Row("CRD (CM)", "crd_cm", "crd", "cm"),
-    Row("DML (MM+CM)", "dml", "dml", "mm+cm"),
-    Row("MGDFR (CM)", "mgdfr_cm", "mgdfr", "cm"),
-    Row("C²KD (CM)", "c2kd_cm", "c2kd", "cm"),
-    Row("MST-Distill (MM+CM)", "mst", "mst", "mm+cm"),
-)
-TARGETS = ("m1", "m2")
+def table1_rows() -> list[Row]:
+    """The paper's Table 1 rows, in its order, from the registry."""
+    return [Row(*row) for row in table_rows()]
 
 
-class ResultsError(ValueError):
+class ResultsError(UserError):
     """A results file is missing or malformed."""
 
 
@@ -78,22 +74,20 @@ def summarise(values: list[float]) -> dict[str, float]:
     return {"mean": round(float(array.mean()), 4), "std": round(std, 4), "n": len(array)}
 
 
-def _cell_runs(runs: list[dict], dataset: str, row: Row, target: str) -> list[dict]:
-    return [r for r in runs if r["dataset"] == dataset and r["method"] == row.method
-            and r["teacher"] == row.teacher and r["target"] == target and row.stage in (None, r["stage"])]
+def _columns(datasets: list[str]) -> list[tuple[str, str]]:
+    return [(d, dataset_spec(d).modalities[t]) for d in datasets for t in TARGETS]
 
 
 def table1(runs: list[dict], datasets: list[str]) -> dict:
     """{dataset: {target modality: {row key: {mean, std, n}}}} for the rows that have runs."""
     out: dict = {}
-    for dataset in datasets:
-        spec = dataset_spec(dataset)
-        for target in TARGETS:
-            column = out.setdefault(dataset, {}).setdefault(spec.modalities[target], {})
-            for row in TABLE1_ROWS:
-                cell = _cell_runs(runs, dataset, row, target)
-                if cell:
-                    column[row.key] = summarise([r["test_accuracy"] for r in sorted(cell, key=lambda r: r["seed"])])
+    for dataset, modality in _columns(datasets):
+        column = out.setdefault(dataset, {}).setdefault(modality, {})
+        for row in table1_rows():
+            cell = sorted((r for r in runs if r["dataset"] == dataset and r["target"] == modality and row.matches(r)),
+                          key=lambda r: r["seed"])
+            if cell:
+                column[row.key] = summarise([r["test_accuracy"] for r in cell])
     return out
 
 
@@ -109,22 +103,21 @@ def _rank_marks(column: dict) -> dict[str, str]:
     return marks
 
 
+def _cell_text(cell: dict | None, mark: str | None) -> str:
+    if cell is None:
+        return "–"
+    text = f"{cell['mean']:.2f} ± {cell['std']:.2f}"
+    return f"**{text}**" if mark == "best" else f"<u>{text}</u>" if mark == "second" else text
+
+
 def table1_markdown(summary: dict, datasets: list[str]) -> str:
-    columns = [(d, dataset_spec(d).modalities[t]) for d in datasets for t in TARGETS]
+    columns = _columns(datasets)
     header = ["Method"] + [f"{dataset_spec(d).display_name} {m.capitalize()}" for d, m in columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" + "---:|" * len(columns)]
     marks = {c: _rank_marks(summary[c[0]][c[1]]) for c in columns}
-    for row in TABLE1_ROWS:
-        cells = [row.label]
-        for d, m in columns:
-            cell = summary[d][m].get(row.key)
-            if cell is None:
-                cells.append("–")
-                continue
-            text = f"{cell['mean']:.2f} ± {cell['std']:.2f}"
-            mark = marks[(d, m)].get(row.key)
-            cells.append(f"**{text}**" if mark == "best" else f"<u>{text}</u>" if mark == "second" else text)
-        lines.append("| " + " | ".join(cells) + " |")
+    for row in table1_rows():
+        cells = [_cell_text(summary[d][m].get(row.key), marks[(d, m)].get(row.key)) for d, m in columns]
+        lines.append("| " + " | ".join([row.label, *cells]) + " |")
     n_seeds = sorted({cell["n"] for d, m in columns for cell in summary[d][m].values()})
     lines += ["", f"Test accuracy (%) of the checkpoint with the lowest validation loss, mean ± sample std over "
                   f"{'/'.join(map(str, n_seeds))} seeds. **Bold**: best; <u>underlined</u>: second best. "
@@ -133,11 +126,11 @@ def table1_markdown(summary: dict, datasets: list[str]) -> str:
 
 
 def table1_csv(summary: dict, datasets: list[str]) -> str:
-    columns = [(d, dataset_spec(d).modalities[t]) for d in datasets for t in TARGETS]
+    columns = _columns(datasets)
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["method", "row_key"] + [f"{d}/{m}/{s}" for d, m in columns for s in ("mean", "std", "n")])
-    for row in TABLE1_ROWS:
+    for row in table1_rows():
         values = []
         for d, m in columns:
             cell = summary[d][m].get(row.key)
@@ -147,15 +140,17 @@ def table1_csv(summary: dict, datasets: list[str]) -> str:
 
 
 def teachers_summary(runs: list[dict], datasets: list[str]) -> dict:
-    """Accuracy of each network trained alone: {dataset: {"multimodal"|modality: {mean, std, n, arch}}}."""
+    """Accuracy of each network trained alone: {dataset: {"multimodal"|modality: {mean, std, n, network}}}."""
     out: dict = {}
     for dataset in datasets:
         spec = dataset_spec(dataset)
         for role in ("mm", "m1", "m2"):
-            cell = [r for r in runs if r["dataset"] == dataset and r["stage"] == "teachers" and r["target"] == role]
+            name = spec.modality_name(role)
+            cell = [r for r in runs if r["dataset"] == dataset and r["stage"] == "teachers"
+                    and r["setting"] == "teacher" and r["target"] == name]
             if cell:
-                out.setdefault(dataset, {})[spec.modality_name(role)] = {
-                    **summarise([r["test_accuracy"] for r in cell]), "network": spec.networks[role]}
+                out.setdefault(dataset, {})[name] = {**summarise([r["test_accuracy"] for r in cell]),
+                                                     "network": spec.networks[role]}
     return out
 
 
@@ -172,23 +167,10 @@ def teachers_markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-# Paper Table 3 rows: (key, label, S1, S2, S3); "full" is the MST-Distill stage-3 run itself.
-TABLE3_ROWS = (
-    ("baseline", "Baseline", False, False, False),
-    ("a", "(a)", True, False, False),
-    ("b", "(b)", False, True, False),
-    ("c", "(c)", False, False, True),
-    ("d", "(d)", True, True, False),
-    ("e", "(e)", True, False, True),
-    ("f", "(f)", False, True, True),
-    ("full", "MST-Distill", True, True, True),
-)
-
-
 def _setting_runs(runs: list[dict], dataset: str, setting: str) -> list[dict]:
-    if setting == "full":
-        return [r for r in runs if r["dataset"] == dataset and r["stage"] == "mst_s3"]
-    return [r for r in runs if r["dataset"] == dataset and r["stage"] == "mst_ablation" and r.get("setting") == setting]
+    stage = "mst_s3" if setting == "full" else "mst_ablation"
+    return [r for r in runs if r["dataset"] == dataset and r["stage"] == stage and r["method"] == "mst"
+            and r["setting"] == setting]
 
 
 def table3(runs: list[dict], datasets: list[str]) -> dict:
@@ -197,12 +179,13 @@ def table3(runs: list[dict], datasets: list[str]) -> dict:
     out: dict = {}
     for dataset in datasets:
         spec = dataset_spec(dataset)
-        for key, *_ in TABLE3_ROWS:
+        for key in STAGE_SETTINGS:
             cell_runs = _setting_runs(runs, dataset, key)
             if not cell_runs:
                 continue
-            row = {spec.modalities[t]: summarise([r["test_accuracy"] for r in cell_runs if r["target"] == t])
-                   for t in TARGETS if any(r["target"] == t for r in cell_runs)}
+            names = [spec.modalities[t] for t in TARGETS]
+            row = {m: summarise([r["test_accuracy"] for r in cell_runs if r["target"] == m])
+                   for m in names if any(r["target"] == m for r in cell_runs)}
             seeds = sorted({r["seed"] for r in cell_runs})
             per_seed = [float(np.mean([r["test_accuracy"] for r in cell_runs if r["seed"] == s])) for s in seeds]
             row["mean"] = summarise(per_seed)
@@ -211,20 +194,13 @@ def table3(runs: list[dict], datasets: list[str]) -> dict:
 
 
 def table3_markdown(summary: dict, datasets: list[str]) -> str:
-    columns = [(d, dataset_spec(d).modalities[t]) for d in datasets for t in TARGETS] + [(d, "mean") for d in datasets]
+    columns = _columns(datasets) + [(d, "mean") for d in datasets]
     header = ["Setting", "S1", "S2", "S3"] + [f"{dataset_spec(d).display_name} {m.capitalize()}" for d, m in columns]
     lines = ["| " + " | ".join(header) + " |", "|---|:-:|:-:|:-:|" + "---:|" * len(columns)]
     marks = {c: _rank_marks({k: v[c[1]] for k, v in summary.get(c[0], {}).items() if c[1] in v}) for c in columns}
-    for key, label, *stages in TABLE3_ROWS:
-        cells = [label] + ["✓" if on else "✗" for on in stages]
-        for d, m in columns:
-            cell = summary.get(d, {}).get(key, {}).get(m)
-            if cell is None:
-                cells.append("–")
-                continue
-            text = f"{cell['mean']:.2f} ± {cell['std']:.2f}"
-            mark = marks[(d, m)].get(key)
-            cells.append(f"**{text}**" if mark == "best" else f"<u>{text}</u>" if mark == "second" else text)
+    for key, setting in STAGE_SETTINGS.items():
+        cells = [setting.label] + ["✓" if on else "✗" for on in setting[1:]]
+        cells += [_cell_text(summary.get(d, {}).get(key, {}).get(m), marks[(d, m)].get(key)) for d, m in columns]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "MST-Distill stage ablation (paper Table 3): test accuracy (%), mean ± sample std over seeds; the "
                   "Mean column averages both targets per seed. S1: collaborative initialisation (off: teachers "
@@ -235,57 +211,132 @@ def table3_markdown(summary: dict, datasets: list[str]) -> str:
 
 
 def table3_csv(summary: dict, datasets: list[str]) -> str:
-    columns = [(d, dataset_spec(d).modalities[t]) for d in datasets for t in TARGETS] + [(d, "mean") for d in datasets]
+    columns = _columns(datasets) + [(d, "mean") for d in datasets]
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["setting", "S1", "S2", "S3"] + [f"{d}/{m}/{s}" for d, m in columns for s in ("mean", "std", "n")])
-    for key, _, *stages in TABLE3_ROWS:
+    for key, setting in STAGE_SETTINGS.items():
         values = []
         for d, m in columns:
             cell = summary.get(d, {}).get(key, {}).get(m)
             values += [cell["mean"], cell["std"], cell["n"]] if cell else ["", "", ""]
-        writer.writerow([key] + [int(on) for on in stages] + values)
+        writer.writerow([key] + [int(on) for on in setting[1:]] + values)
     return buffer.getvalue()
 
 
-def routing_summary(runs: list[dict], dataset: str, target: str) -> tuple[np.ndarray, np.ndarray, list[str]] | None:
-    """Seed mean and std of the per-epoch routing fractions (epochs × N) of the stage-3 runs of one target."""
-    cell = [r for r in runs if r["dataset"] == dataset and r["stage"] == "mst_s3" and r["target"] == target
-            and r.get("routing")]
+def topk_summary(runs: list[dict], dataset: str) -> dict:
+    """{modality: {k: {mean, std, n}}} of the top-k sweep's runs (paper Fig. 6)."""
+    spec = dataset_spec(dataset)
+    sweep = [r for r in runs if r["dataset"] == dataset and r["stage"] == "topk_sweep"]
+    ks = sorted({r["extras"]["topk"] for r in sweep})
+    return {spec.modalities[t]: {k: summarise([r["test_accuracy"] for r in sweep if r["extras"]["topk"] == k
+                                               and r["target"] == spec.modalities[t]]) for k in ks}
+            for t in TARGETS} if sweep else {}
+
+
+def topk_markdown(summary: dict, dataset: str) -> str:
+    spec = dataset_spec(dataset)
+    modalities = list(summary)
+    lines = ["| k | " + " | ".join(f"{spec.display_name} {m.capitalize()}" for m in modalities) + " |",
+             "|---:|" + "---:|" * len(modalities)]
+    for k in summary[modalities[0]]:
+        lines.append(f"| {k} | " + " | ".join(_cell_text(summary[m][k], None) for m in modalities) + " |")
+    lines += ["", "MST-Distill phase 3 with top-k routing (paper Fig. 6): test accuracy (%), mean ± sample std over "
+                  "seeds; the collaborative-initialisation networks and MaskNets are shared by every k."]
+    return "\n".join(lines) + "\n"
+
+
+def routing_summary(runs: list[dict], dataset: str, modality: str) -> tuple[np.ndarray, np.ndarray, list[str]] | None:
+    """Seed mean and std of the per-epoch routing fractions (epochs × N) of the phase-3 runs of one target."""
+    cell = [r for r in runs if r["dataset"] == dataset and r["stage"] == "mst_s3" and r["target"] == modality
+            and r["extras"].get("routing")]
     if not cell:
         return None
-    stacked = np.array([r["routing"] for r in cell], dtype=np.float64)
-    return stacked.mean(axis=0), stacked.std(axis=0), list(cell[0]["ways"])
+    stacked = np.array([r["extras"]["routing"] for r in cell], dtype=np.float64)
+    return stacked.mean(axis=0), stacked.std(axis=0), list(cell[0]["extras"]["specialists"])
+
+
+def learning_curves(runs: list[dict], dataset: str, modality: str) -> tuple[list[str], np.ndarray] | None:
+    """Seed-mean validation accuracy (%) per epoch of every Table 1 row of one target: (row keys, epochs × rows)."""
+    keys, curves = [], []
+    for row in table1_rows():
+        cell = [r for r in runs if r["dataset"] == dataset and r["target"] == modality and row.matches(r)
+                and r.get("curve")]
+        if not cell or len({len(r["curve"]) for r in cell}) != 1:
+            continue
+        keys.append(row.key)
+        curves.append(np.mean([[100.0 * e["val_accuracy"] for e in r["curve"]] for r in cell], axis=0))
+    if not keys or len({len(c) for c in curves}) != 1:
+        return None
+    return keys, np.stack(curves, axis=1)
+
+
+def metrics_summary(t1: dict, t3: dict) -> dict:
+    """The DVC metrics: one number per Table 1 and Table 3 cell (the seed mean), nothing per seed."""
+    return {"table1": {d: {m: {k: c["mean"] for k, c in column.items()} for m, column in by_target.items()}
+                       for d, by_target in t1.items()},
+            "table3": {d: {k: row["mean"]["mean"] for k, row in settings.items()} for d, settings in t3.items()}}
+
+
+def _csv_text(header: list[str], rows: list[list]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buffer.getvalue()
 
 
 def write_reports(results_dir: Path, out_dir: Path, datasets: list[str]) -> dict:
-    """Write Table 1 and Table 3 (.md, .csv), teachers.md, metrics.json and the routing figures
-    (figures/routing_<dataset>_<modality>.png) under `out_dir`; return the metrics."""
-    from pipeline.reporting.figures import routing_curves_png
+    """Write Table 1 and Table 3 (.md, .csv), teachers.md, the top-k sweep (.md), metrics.json, the
+    figures (figures/*.png) and the DVC plot data (plots/*.csv) under `out_dir`; return the metrics. Every
+    text is computed before anything is written."""
+    from pipeline.reporting.figures import routing_curves_png, topk_sweep_png
 
     runs = read_runs(results_dir, datasets)
-    t1 = table1(runs, datasets)
-    t3 = table3(runs, datasets)
-    teachers = teachers_summary(runs, datasets)
-    metrics = {"table1": t1, "table3": t3, "teachers": teachers}
-    out_dir.mkdir(parents=True, exist_ok=True)
+    t1, t3, teachers = table1(runs, datasets), table3(runs, datasets), teachers_summary(runs, datasets)
+    metrics = metrics_summary(t1, t3)
     outputs = {"table1.md": table1_markdown(t1, datasets), "table1.csv": table1_csv(t1, datasets),
                "table3.md": table3_markdown(t3, datasets), "table3.csv": table3_csv(t3, datasets),
                "teachers.md": teachers_markdown(teachers),
                "metrics.json": json.dumps(metrics, indent=2, sort_keys=True) + "\n"}
-    for name, text in outputs.items():  # everything is computed before anything is written
-        tmp = out_dir / f".{name}.tmp"
-        tmp.write_text(text)
-        tmp.replace(out_dir / name)
+    figures = []
+    sweeps = []
     for dataset in datasets:
         spec = dataset_spec(dataset)
+        sweep = topk_summary(runs, dataset)
+        if sweep:
+            sweeps.append(topk_markdown(sweep, dataset))
+            ks = list(next(iter(sweep.values())))
+            outputs[f"plots/topk_{dataset}.csv"] = _csv_text(
+                ["k", *[f"{m}_mean" for m in sweep], *[f"{m}_std" for m in sweep]],
+                [[k, *[sweep[m][k]["mean"] for m in sweep], *[sweep[m][k]["std"] for m in sweep]] for k in ks])
+            figures.append(lambda d=dataset, s=sweep, ks=ks: topk_sweep_png(
+                ks, {m: [s[m][k]["mean"] for k in ks] for m in s}, {m: [s[m][k]["std"] for k in ks] for m in s},
+                out_dir / "figures" / f"topk_sweep_{d}.png", f"{dataset_spec(d).display_name}: MST-Distill top-k sweep"))
         for target in TARGETS:
-            routing = routing_summary(runs, dataset, target)
-            if routing is None:
-                continue
-            mean, std, labels = routing
-            n = len({r["seed"] for r in runs if r["stage"] == "mst_s3" and r["dataset"] == dataset})
-            routing_curves_png(mean, labels, out_dir / "figures" / f"routing_{dataset}_{spec.modalities[target]}.png",
-                               f"{spec.display_name}, {spec.modalities[target]} student: share of top-k picks\n"
-                               f"per specialised teacher (mean ± std over {n} seeds)", spread=std)
+            modality = spec.modalities[target]
+            routing = routing_summary(runs, dataset, modality)
+            if routing is not None:
+                mean, std, labels = routing
+                outputs[f"plots/routing_{dataset}_{modality}.csv"] = _csv_text(
+                    ["epoch", *labels], [[e + 1, *map(float, row)] for e, row in enumerate(mean)])
+                n = len({r["seed"] for r in runs if r["stage"] == "mst_s3" and r["dataset"] == dataset})
+                figures.append(lambda m=mean, s=std, lab=labels, mod=modality, n=n, spec=spec: routing_curves_png(
+                    m, lab, out_dir / "figures" / f"routing_{spec.key}_{mod}.png",
+                    f"{spec.display_name}, {mod} student: share of top-k picks\n"
+                    f"per specialised teacher (mean ± std over {n} seeds)", spread=s))
+            curves = learning_curves(runs, dataset, modality)
+            if curves is not None:
+                keys, values = curves
+                outputs[f"plots/learning_curves_{dataset}_{modality}.csv"] = _csv_text(
+                    ["epoch", *keys], [[e + 1, *[round(float(v), 4) for v in row]] for e, row in enumerate(values)])
+    outputs["topk_sweep.md"] = "\n".join(sweeps) if sweeps else "No top-k sweep results.\n"
+    for name, text in outputs.items():
+        path = out_dir / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+    for draw in figures:
+        draw()
     return metrics

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 
@@ -39,3 +40,10 @@ class NullTracker:
 
     def close(self, succeeded: bool) -> None:
         pass
+
+
+@dataclass(frozen=True)
+class TrackingParams:
+    """`mlflow`: log every run to MLflow (false: log nothing, e.g. for quick local checks)."""
+
+    mlflow: bool

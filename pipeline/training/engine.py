@@ -1,9 +1,14 @@
-"""The one training engine every method runs through.
+"""The one training loop: it runs the phases a method declares, in order.
 
-Adam with a constant learning rate (the authors use no schedule), shuffled index-slice batches,
-validation after every epoch, and model selection on the validation cross-entropy (the authors' rule,
-quirk Q9) or, by switch, on validation accuracy. The test split is evaluated with the selected
-checkpoint and with the last epoch's weights; both are reported.
+Every phase is the same loop: shuffled index-slice batches of the training split, one optimiser step
+per batch on the sum of the phase's named loss terms, validation after every epoch, and the phase's
+selection rule (for the main phase of every method: the lowest validation cross-entropy of the student,
+the authors' rule, quirk Q9, or by switch the highest validation accuracy). After the last phase the
+networks the method names are evaluated on the test split twice: with the last epoch's weights and with
+the selected ones (the reported number).
+
+The engine knows nothing about methods beyond `phases(context)` and `evaluated_networks()`; methods never
+import it.
 """
 
 from __future__ import annotations
@@ -12,70 +17,48 @@ import copy
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
-from pipeline.data.tensors import Batch, DeviceDataset
-from pipeline.methods.base import DistillationMethod, TrainContext
+from pipeline.data.tensors import Batch
 from pipeline.models.registry import Network
+from pipeline.training.evaluation import Evaluation
+from pipeline.training.phases import Phase, RunContext
 
-EpochCallback = Callable[[int, dict[str, float]], None]
+# log(phase name, epoch, metrics)
+PhaseLog = Callable[[str, int, dict[str, float]], None]
 
 
-@dataclass(frozen=True)
-class EngineConfig:
-    epochs: int
-    batch_size: int
-    lr: float
-    selection: str = "val_loss"  # or "val_accuracy"
-    eval_batch_size: int = 1024
+class Trainable(Protocol):
+    """What the engine needs from a method."""
+
+    def to(self, device: torch.device) -> Any: ...
+
+    def phases(self, context: RunContext) -> list[Phase]: ...
+
+    def evaluated_networks(self) -> dict[str, Network]: ...
 
 
 @dataclass
-class Evaluation:
-    loss: float
-    accuracy: float
-    confusion: np.ndarray
-
-    def as_dict(self, prefix: str) -> dict[str, float]:
-        return {f"{prefix}_loss": self.loss, f"{prefix}_accuracy": self.accuracy}
+class PhaseResult:
+    name: str
+    epochs: int
+    best_epoch: int
+    best_metrics: dict[str, float]
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_states: list[dict[str, torch.Tensor]] | None = None
 
 
 @dataclass
 class TrainResult:
-    best_epoch: int
-    best_val: Evaluation
-    test: Evaluation           # selected (best-validation) checkpoint: the reported number
-    test_last: Evaluation      # last epoch's weights
-    best_state: dict[str, torch.Tensor]
-    history: list[dict[str, float]] = field(default_factory=list)
+    phases: list[PhaseResult]
+    test: dict[str, Evaluation]        # selected weights (the reported number), per evaluated network
+    test_last: dict[str, Evaluation]   # the last epoch's weights
 
-
-@torch.no_grad()
-def evaluate(network: Network, data: DeviceDataset, index: torch.Tensor, num_classes: int,
-             batch_size: int = 1024, chunk_size: int = 1024) -> Evaluation:
-    """Cross-entropy as the authors compute it (the mean over consecutive batches of `batch_size` of each
-    batch's mean) and accuracy of `network` on `index`. In eval mode a sample's output does not depend on
-    its batch, so the network runs on large chunks and the per-sample losses are grouped into the
-    authors' batches afterwards: the same value, fewer and larger kernels."""
-    was_training = network.training
-    network.eval()
-    losses, predictions, targets = [], [], []
-    for batch in data.batches(index, chunk_size):
-        logits = network(batch)
-        losses.append(F.cross_entropy(logits, batch["y"], reduction="none"))
-        predictions.append(logits.argmax(dim=1))
-        targets.append(batch["y"])
-    network.train(was_training)
-    per_sample = torch.cat(losses).double().cpu()
-    batch_means = [chunk.mean().item() for chunk in per_sample.split(batch_size)]
-    pred = torch.cat(predictions).cpu()
-    true = torch.cat(targets).cpu()
-    confusion = torch.bincount(true * num_classes + pred, minlength=num_classes**2).reshape(num_classes, num_classes)
-    return Evaluation(loss=float(np.mean(batch_means)), accuracy=float((pred == true).float().mean()),
-                      confusion=confusion.numpy())
+    @property
+    def final(self) -> PhaseResult:
+        return self.phases[-1]
 
 
 def optimise_epoch(loss_terms: Callable[[Batch], Mapping[str, torch.Tensor]], batches: Iterable[Batch],
@@ -93,46 +76,66 @@ def optimise_epoch(loss_terms: Callable[[Batch], Mapping[str, torch.Tensor]], ba
         n_batches += 1
         for name, value in (*terms.items(), ("loss", loss)):  # summed on-device, read once per epoch
             sums[f"train_{name}"] = sums.get(f"train_{name}", 0.0) + value.detach()
+    if n_batches == 0:
+        raise ValueError(f"epoch {epoch}: the training split is empty")
     metrics = {name: total.item() / n_batches for name, total in sums.items()}
     if not math.isfinite(metrics["train_loss"]):
         raise FloatingPointError(f"epoch {epoch}: the training loss is not finite ({metrics})")
     return metrics
 
 
-def train(method: DistillationMethod, data: DeviceDataset, split: dict[str, torch.Tensor], config: EngineConfig,
-          num_classes: int, generator: torch.Generator, on_epoch: EpochCallback | None = None,
-          on_prepare: EpochCallback | None = None) -> TrainResult:
-    """Train `method.student` (and the method's own trainable modules) and select a checkpoint.
-    `on_prepare(step, metrics)` receives what a method's pre-stage logs (e.g. FitNets' hint epochs)."""
-    method.to(data.device)
-    context = TrainContext(data, split, config.batch_size, config.epochs, config.lr, num_classes, generator,
-                           log=(lambda m, step: on_prepare(step, m)) if on_prepare else (lambda m, step: None))
-    method.prepare(context)
-    optimizer = method.configure_optimizer(config.lr)
-    student = method.student
-    best_score, best_epoch, best_state, best_val = math.inf, -1, None, None
+def run_phase(phase: Phase, context: RunContext, log: PhaseLog | None = None,
+              before_restore: Callable[[], None] | None = None) -> PhaseResult:
+    """Train one phase and restore its selected weights; `before_restore()` runs just before that."""
+    if phase.before is not None:
+        phase.before()
+    optimizer = phase.optimizer()
+    best_score, best_epoch, best_states, best_metrics = math.inf, -1, None, {}
     history: list[dict[str, float]] = []
-    for epoch in range(config.epochs):
-        method.train()
-        metrics = optimise_epoch(lambda batch: method.loss_terms(batch, epoch),
-                                 data.batches(split["train"], config.batch_size, generator), optimizer, epoch)
-        val = evaluate(student, data, split["val"], num_classes, config.eval_batch_size)
-        metrics.update(val.as_dict("val"))
-        metrics.update(method.epoch_values(epoch))
-        score = method.validation_score(context, epoch)
-        if score is None:
-            score = val.loss if config.selection == "val_loss" else -val.accuracy
+    for epoch in range(phase.epochs):
+        for module in phase.train_modules:
+            module.train()
+        for module in phase.frozen:
+            module.eval()
+        metrics = optimise_epoch(lambda batch: phase.loss_terms(batch, epoch),
+                                 context.batches("train", phase.batch_size, shuffle=True), optimizer, epoch)
+        if phase.validate is not None:
+            metrics.update(phase.validate(epoch))
+        if phase.epoch_values is not None:
+            metrics.update(phase.epoch_values(epoch))
+        if phase.score is None:
+            best_epoch, best_metrics = epoch, dict(metrics)
         else:
-            metrics["val_selection_score"] = score
-        if score < best_score:
-            best_score, best_epoch, best_val = score, epoch, val
-            best_state = copy.deepcopy(student.state_dict())
+            score = phase.score(metrics, epoch)
+            if score < best_score:
+                best_score, best_epoch, best_metrics = score, epoch, dict(metrics)
+                best_states = [copy.deepcopy(module.state_dict()) for module in phase.selected]
         metrics["best_epoch"] = best_epoch
         history.append({"epoch": epoch, **metrics})
-        if on_epoch is not None:
-            on_epoch(epoch, metrics)
-    test_last = evaluate(student, data, split["test"], num_classes, config.eval_batch_size)
-    student.load_state_dict(best_state)
-    test = evaluate(student, data, split["test"], num_classes, config.eval_batch_size)
-    return TrainResult(best_epoch=best_epoch, best_val=best_val, test=test, test_last=test_last,
-                       best_state=best_state, history=history)
+        if log is not None:
+            log(phase.name, epoch, metrics)
+    if before_restore is not None:
+        before_restore()
+    if best_states is not None:
+        for module, state in zip(phase.selected, best_states, strict=True):
+            module.load_state_dict(state)
+    if phase.after is not None:
+        phase.after()
+    return PhaseResult(phase.name, phase.epochs, best_epoch, best_metrics, history, best_states)
+
+
+def train(method: Trainable, context: RunContext, log: PhaseLog | None = None) -> TrainResult:
+    """Run every phase of `method` and evaluate its networks on the test split (last and selected weights)."""
+    method.to(context.device)
+    phases = method.phases(context)
+    if not phases:
+        raise ValueError("a method must declare at least one phase")
+    test_last: dict[str, Evaluation] = {}
+
+    def evaluate_last() -> None:
+        test_last.update({role: context.evaluate(net, "test") for role, net in method.evaluated_networks().items()})
+
+    results = [run_phase(phase, context, log, evaluate_last if i == len(phases) - 1 else None)
+               for i, phase in enumerate(phases)]
+    test = {role: context.evaluate(net, "test") for role, net in method.evaluated_networks().items()}
+    return TrainResult(results, test, test_last)

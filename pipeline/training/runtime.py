@@ -8,6 +8,8 @@ import random
 import numpy as np
 import torch
 
+from pipeline.params import ParamsError
+
 
 def resolve_device(name: str) -> torch.device:
     """`auto` → CUDA when available, else CPU; otherwise the named device (which must exist)."""
@@ -15,7 +17,11 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} requested but CUDA is not available; use device: auto or cpu")
+        raise ParamsError(f"params.yaml: device: {name!r} requested but CUDA is not available on this machine; "
+                          "use device: auto (CUDA when present, else CPU) or device: cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ParamsError(f"params.yaml: device: {name!r} requested but this machine has "
+                          f"{torch.cuda.device_count()} CUDA device(s); use cuda:0..{torch.cuda.device_count() - 1}")
     return device
 
 

@@ -1,24 +1,24 @@
-"""Stage 3 switched off (paper Table 3, "w/o S3"): every teacher's distillation signal, averaged.
+"""Phase 3 switched off (paper Table 3, "w/o S3"): every teacher's distillation signal, averaged.
 
     L = CE(z_s, y) + λ_kd(e) · (1/N) Σ_j T²·KL(p_j ‖ p_s)
 
 with the same λ_kd schedule as dynamic distillation and no GateNet, routing or load balancing. The
-teachers are frozen, so their logits are cached per training sample exactly as in stage 3.
+teachers are frozen, so their logits are cached per training sample exactly as in phase 3.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from pipeline.data.tensors import Batch
-from pipeline.methods.base import DistillationMethod, TrainContext
-from pipeline.methods.frozen import FrozenOutputs
-from pipeline.methods.kd import hinton_kd_loss
-from pipeline.methods.mst.dynamic_distillation import LossWeights, Way
-from pipeline.models.registry import Network
+from pipeline.methods.common.frozen import FrozenOutputs
+from pipeline.methods.common.kl import hinton_kd_loss
+from pipeline.methods.mst.dynamic_distillation import LossWeights, Specialist
+from pipeline.training.phases import RunContext
 
 
 def averaged_distillation(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -27,27 +27,24 @@ def averaged_distillation(student_logits: torch.Tensor, teacher_logits: torch.Te
     return sum(hinton_kd_loss(student_logits, teacher_logits[:, j], temperature) for j in range(n)) / n
 
 
-class AveragedDistillation(DistillationMethod):
-    """The "no S3" ablation objective for one student and its N frozen (specialised or plain) teachers."""
+class AveragedDistillation(nn.Module):
+    """The "no S3" objective given a student's logits and its N frozen (specialised or plain) teachers."""
 
-    name = "mst_avg"
-    teacher_configs = ("mm+cm",)
-
-    def __init__(self, student: Network, ways: Sequence[Way], *, temperature: float, weights: LossWeights,
+    def __init__(self, specialists: Sequence[Specialist], *, temperature: float, weights: LossWeights,
                  cache: bool = True) -> None:
-        super().__init__(student)
-        ways = list(ways)
-        self.ways = FrozenOutputs(lambda batch: torch.stack([way(batch) for way in ways], dim=1), enabled=cache)
+        super().__init__()
+        specialists = list(specialists)
+        self.specialists = FrozenOutputs(lambda batch: torch.stack([s(batch) for s in specialists], dim=1),
+                                         enabled=cache)
         self.temperature, self.weights = temperature, weights
 
-    def prepare(self, context: TrainContext) -> None:
-        self.ways.prepare(context.data, context.split["train"])
+    def prepare(self, context: RunContext) -> None:
+        self.specialists.prepare(context.data, context.split["train"])
 
-    def loss_terms(self, batch: Batch, epoch: int) -> Mapping[str, torch.Tensor]:
+    def terms(self, logits: torch.Tensor, batch: Batch, epoch: int) -> dict[str, torch.Tensor]:
         lambda_kd, _ = self.weights.at(epoch)
-        logits = self.student(batch)
         return {"ce": F.cross_entropy(logits, batch["y"]),
-                "kd": lambda_kd * averaged_distillation(logits, self.ways(batch), self.temperature)}
+                "kd": lambda_kd * averaged_distillation(logits, self.specialists(batch), self.temperature)}
 
     def epoch_values(self, epoch: int) -> dict[str, float]:
         return {"lambda_kd": self.weights.at(epoch)[0]}

@@ -1,4 +1,4 @@
-"""MST-Distill stage 1, collaborative initialisation (paper §3.1, Eqs. 1–4; official-mst-spec.md §5.1).
+"""MST-Distill phase 1, collaborative initialisation (paper §3.1, Eqs. 1–4; official-mst-spec.md §5.1).
 
 The multimodal network and every unimodal network are trained together from scratch: each with its
 cross-entropy, plus the bidirectional T-softened KL between every pair of networks. One Adam optimiser
@@ -9,38 +9,33 @@ for logging). `detach_peer` switches the alignment to DML-style detached targets
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 
-from pipeline.data.tensors import DeviceDataset
+from pipeline.data.tensors import Batch
 from pipeline.methods.mst.losses import bidirectional_alignment
 from pipeline.models.registry import Network
-from pipeline.training.engine import evaluate, optimise_epoch
+from pipeline.training.phases import Phase, RunContext
 
 
-def collaborative_init(networks: dict[str, Network], data: DeviceDataset, split: dict[str, torch.Tensor], *,
-                       epochs: int, batch_size: int, lr: float, temperature: float, detach_peer: bool,
-                       num_classes: int, generator: torch.Generator,
-                       on_epoch: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, float]:
-    """Train `networks` ({role: network}) jointly in place; returns the last epoch's metrics."""
+def collaborative_init_phase(networks: dict[str, Network], *, epochs: int, lr: float, temperature: float,
+                             detach_peer: bool, context: RunContext) -> Phase:
+    """Phase `collaborative_init` over `networks` ({role: network}), trained jointly; no selection."""
     roles = list(networks)
-    parameters = [p for role in roles for p in networks[role].parameters()]
-    optimizer = torch.optim.Adam(parameters, lr=lr, fused=True)
-    def loss_terms(batch):
+
+    def loss_terms(batch: Batch, epoch: int) -> dict[str, torch.Tensor]:
         logits = [networks[role](batch) for role in roles]
         terms = {f"ce_{role}": F.cross_entropy(z, batch["y"]) for role, z in zip(roles, logits)}
         terms["alignment"] = bidirectional_alignment(logits, temperature, detach_peer=detach_peer)
         return terms
 
-    metrics: dict[str, float] = {}
-    for epoch in range(epochs):
-        for net in networks.values():
-            net.train()
-        metrics = optimise_epoch(loss_terms, data.batches(split["train"], batch_size, generator), optimizer, epoch)
+    def validate(epoch: int) -> dict[str, float]:
+        metrics: dict[str, float] = {}
         for role in roles:
-            metrics.update(evaluate(networks[role], data, split["val"], num_classes, batch_size).as_dict(f"val_{role}"))
-        if on_epoch is not None:
-            on_epoch(epoch, metrics)
-    return metrics
+            metrics.update(context.evaluate(networks[role], "val").as_dict(f"val_{role}"))
+        return metrics
+
+    return Phase("collaborative_init", epochs, loss_terms,
+                 lambda: torch.optim.Adam([p for role in roles for p in networks[role].parameters()], lr=lr,
+                                          fused=True),
+                 train_modules=list(networks.values()), validate=validate)

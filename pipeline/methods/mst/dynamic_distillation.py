@@ -1,4 +1,4 @@
-"""MST-Distill stage 3, dynamic knowledge distillation (paper §3.3, Eqs. 11–18; official-mst-spec.md §5.3).
+"""MST-Distill phase 3, dynamic knowledge distillation (paper §3.3, Eqs. 11–18; official-mst-spec.md §5.3).
 
 The N specialised teachers are frozen. A GateNet reads the student's logits and gives confidences over
 the teachers; each sample distils from its top-k teachers, and a load-balancing term keeps the batch-
@@ -14,20 +14,21 @@ deterministic and see no augmentation, their logits per training sample are comp
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from torch import nn
+
 from pipeline.data.tensors import Batch
-from pipeline.methods.base import DistillationMethod, TrainContext
-from pipeline.methods.frozen import FrozenOutputs
+from pipeline.methods.common.frozen import FrozenOutputs
 from pipeline.methods.mst.gate_net import GateNet
 from pipeline.methods.mst.losses import load_balancing_loss, topk_distillation
-from pipeline.models.registry import Network
+from pipeline.training.phases import RunContext
 
-Way = Callable[[Batch], torch.Tensor]  # a specialised teacher: batch -> logits
+Specialist = Callable[[Batch], torch.Tensor]  # a specialised teacher: batch -> logits
 
 
 @dataclass(frozen=True)
@@ -47,34 +48,33 @@ class LossWeights:
         return self.kd * 0.5 ** self._steps(epoch, 30), self.lb * 0.9 ** self._steps(epoch, 10)
 
 
-class DynamicDistillation(DistillationMethod):
-    """The stage-3 objective for one student, given its N frozen specialised teachers."""
+class DynamicDistillation(nn.Module):
+    """The phase-3 objective given a student's logits and the N frozen specialised teachers: a GateNet over
+    the teachers, top-k distillation and load balancing."""
 
-    name = "mst"
-    teacher_configs = ("mm+cm",)
-
-    def __init__(self, student: Network, ways: Sequence[Way], num_classes: int, *, topk: int, temperature: float,
+    def __init__(self, specialists: Sequence[Specialist], num_classes: int, *, topk: int, temperature: float,
                  lb_mode: str, lb_divide_by_n: bool, weights: LossWeights, cache: bool = True) -> None:
-        super().__init__(student)
-        if not 1 <= topk <= len(ways):
-            raise ValueError(f"topk = {topk} but there are {len(ways)} specialised teachers; expected 1..{len(ways)}")
-        load_balancing_loss(torch.full((1, len(ways)), 1.0 / len(ways)), lb_mode)  # fail early on a bad mode
-        self.gate = GateNet(num_classes, len(ways))
-        ways = list(ways)
+        super().__init__()
+        if not 1 <= topk <= len(specialists):
+            raise ValueError(f"topk = {topk} but there are {len(specialists)} specialised teachers; expected "
+                             f"1..{len(specialists)}")
+        load_balancing_loss(torch.full((1, len(specialists)), 1.0 / len(specialists)), lb_mode)  # fail early
+        self.gate = GateNet(num_classes, len(specialists))
+        specialists = list(specialists)
         # the N specialised teachers' logits as one (B, N, C) tensor, computed once per training sample
-        self.ways = FrozenOutputs(lambda batch: torch.stack([way(batch) for way in ways], dim=1), enabled=cache)
+        self.specialists = FrozenOutputs(lambda batch: torch.stack([s(batch) for s in specialists], dim=1),
+                                         enabled=cache)
         self.topk, self.temperature = topk, temperature
         self.lb_mode, self.lb_divide_by_n, self.weights = lb_mode, lb_divide_by_n, weights
-        self._routes = torch.zeros(len(ways))
+        self._routes = torch.zeros(len(specialists))
 
-    def prepare(self, context: TrainContext) -> None:
-        self.ways.prepare(context.data, context.split["train"])
+    def prepare(self, context: RunContext) -> None:
+        self.specialists.prepare(context.data, context.split["train"])
 
-    def loss_terms(self, batch: Batch, epoch: int) -> Mapping[str, torch.Tensor]:
+    def terms(self, logits: torch.Tensor, batch: Batch, epoch: int) -> dict[str, torch.Tensor]:
         lambda_kd, lambda_lb = self.weights.at(epoch)
-        logits = self.student(batch)
         gate_probs = self.gate(logits)  # not detached: the LB gradient reaches the student (quirk Q5)
-        kd, chosen = topk_distillation(logits, self.ways(batch), gate_probs, self.topk, self.temperature)
+        kd, chosen = topk_distillation(logits, self.specialists(batch), gate_probs, self.topk, self.temperature)
         if self.training:
             self._routes += torch.bincount(chosen.flatten().cpu(), minlength=len(self._routes))
         return {"ce": F.cross_entropy(logits, batch["y"]), "kd": lambda_kd * kd,

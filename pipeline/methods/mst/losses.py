@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from pipeline.methods.kd import softened_kl
+from pipeline.methods.common.kl import softened_kl
 
 
 def bidirectional_alignment(logits: list[torch.Tensor], temperature: float, detach_peer: bool = False) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""MST-Distill stage 2, specialised teacher adaptation (paper §3.2, Eqs. 5–10; official-mst-spec.md §5.2).
+"""MST-Distill phase 2, specialised teacher adaptation (paper §3.2, Eqs. 5–10; official-mst-spec.md §5.2).
 
 A MaskNet is inserted at each chosen layer of each frozen teacher (the multimodal network and the
 other-modality network, both from stage 1). Each MaskNet makes one specialised teacher and is trained
@@ -10,26 +10,26 @@ MaskNet weights is kept (one joint choice, as the authors).
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from pipeline.data.tensors import Batch, DeviceDataset
-from pipeline.methods.kd import softened_kl
+from pipeline.data.tensors import Batch
+from pipeline.methods.common.kl import softened_kl
 from pipeline.methods.mst.mask_net import apply_mask, mask_net_for
 from pipeline.models.registry import DISPLAY_NAMES, Network
 from pipeline.models.taps import FeatureTaps
+from pipeline.training.phases import Phase, RunContext
 
 
 @dataclass
 class TeacherGroup:
     """A frozen teacher, the layers it is masked at, and one MaskNet per layer."""
 
-    name: str                 # "mm" or "cm"
+    name: str                 # "mm" or "cm": the teacher's configuration
     network: Network
     layers: list[str]
     masks: nn.ModuleList
@@ -84,35 +84,54 @@ def masked_logits(group: TeacherGroup, batch: Batch, active: Sequence[int]) -> t
         return group.network(batch)
 
 
-def specialist_adaptation(student: Network, groups: list[TeacherGroup], data: DeviceDataset,
-                          split: dict[str, torch.Tensor], *, epochs: int, batch_size: int, lr: float,
-                          temperature: float, generator: torch.Generator,
-                          on_epoch: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, float]:
-    """Train every MaskNet of `groups` alone against the frozen `student`; load the best joint set."""
+class SpecialistMasks(nn.ModuleDict):
+    """The MaskNets of every teacher group, by group name, as one checkpointable module; its
+    `checkpoint_meta` (the hooked layers per group) is saved with the weights and checked on loading."""
+
+    def __init__(self, groups: Sequence[TeacherGroup]) -> None:
+        super().__init__({g.name: g.masks for g in groups})
+        self.checkpoint_meta = {g.name: list(g.layers) for g in groups}
+
+
+def specialist_phase(student: Network, groups: list[TeacherGroup], *, epochs: int, lr: float, temperature: float,
+                     context: RunContext) -> Phase:
+    """Phase `specialist_adaptation`: every MaskNet trained alone against the frozen `student` (the loss of
+    slot k, T²·KL(p_student ‖ p_teacher with only MaskNet k attached), depends on MaskNet k alone, so one
+    backward of their sum and one Adam with a parameter group per MaskNet is exactly one Adam per MaskNet);
+    the epoch with the lowest summed mean validation KL per teacher keeps its MaskNets (one joint choice)."""
     student.requires_grad_(False)
     student.eval()
     slots = [(g, j) for g in groups for j in range(len(g.layers))]
-    optimizers = [torch.optim.Adam(g.masks[j].parameters(), lr=lr) for g, j in slots]
-    best_score, best_states, best_epoch = float("inf"), None, -1
-    metrics: dict[str, float] = {}
-    for epoch in range(epochs):
-        train_kl = _epoch_kls(student, slots, data, split["train"], batch_size, temperature, generator, optimizers)
+    names = [f"kl_{g.name}_{g.layers[j]}" for g, j in slots]
+
+    def loss_terms(batch: Batch, epoch: int) -> dict[str, torch.Tensor]:
         with torch.no_grad():
-            val_kl = _epoch_kls(student, slots, data, split["val"], batch_size, temperature, None, None)
-        score = sum(_group_means(slots, val_kl).values())
-        metrics = {**{f"train_kl_{g.name}_{g.layers[j]}": v for (g, j), v in zip(slots, train_kl)},
-                   **{f"val_kl_{g.name}_{g.layers[j]}": v for (g, j), v in zip(slots, val_kl)},
-                   "val_score": score}
-        if score < best_score:
-            best_score, best_epoch = score, epoch
-            best_states = [copy.deepcopy(g.masks.state_dict()) for g in groups]
-        metrics["best_epoch"] = best_epoch
-        if on_epoch is not None:
-            on_epoch(epoch, metrics)
-    for group, state in zip(groups, best_states):
-        group.masks.load_state_dict(state)
-        group.masks.eval()
-    return metrics
+            target = student(batch)
+        return {name: softened_kl(masked_logits(g, batch, [j]), target, temperature)
+                for name, (g, j) in zip(names, slots)}
+
+    @torch.no_grad()
+    def validate(epoch: int) -> dict[str, float]:
+        for g in groups:
+            g.masks.eval()
+        totals, n_batches = [0.0] * len(slots), 0
+        for batch in context.batches("val"):
+            target = student(batch)
+            for k, (g, j) in enumerate(slots):
+                totals[k] += softened_kl(masked_logits(g, batch, [j]), target, temperature).item()
+            n_batches += 1
+        values = [t / n_batches for t in totals]
+        score = sum(_group_means(slots, values).values())
+        return {**{f"val_{name}": v for name, v in zip(names, values)}, "val_score": score}
+
+    def after() -> None:
+        for g in groups:
+            g.masks.eval()
+
+    return Phase("specialist_adaptation", epochs, loss_terms,
+                 lambda: torch.optim.Adam([{"params": g.masks[j].parameters()} for g, j in slots], lr=lr),
+                 train_modules=[g.masks for g in groups], validate=validate,
+                 score=lambda metrics, epoch: metrics["val_score"], selected=[g.masks for g in groups], after=after)
 
 
 def _group_means(slots, values) -> dict[str, float]:
@@ -121,23 +140,3 @@ def _group_means(slots, values) -> dict[str, float]:
     for (group, _), value in zip(slots, values):
         sums.setdefault(group.name, []).append(value)
     return {name: sum(v) / len(v) for name, v in sums.items()}
-
-
-def _epoch_kls(student, slots, data, index, batch_size, temperature, generator, optimizers) -> list[float]:
-    """Mean per-batch KL of each MaskNet slot over `index`; trains the slots when optimisers are given."""
-    training = optimizers is not None
-    totals = [0.0] * len(slots)
-    n_batches = 0
-    for batch in data.batches(index, batch_size, generator):
-        with torch.no_grad():
-            target = student(batch)
-        for k, (group, j) in enumerate(slots):
-            group.masks[j].train(training)
-            kl = softened_kl(masked_logits(group, batch, [j]), target, temperature)
-            if training:
-                optimizers[k].zero_grad(set_to_none=True)
-                kl.backward()
-                optimizers[k].step()
-            totals[k] += kl.item()
-        n_batches += 1
-    return [t / n_batches for t in totals]
