@@ -253,6 +253,17 @@ class _Unlisted:
     __hash__ = None  # type: ignore[assignment]
 
 
+def _fail_on_use(self, *args, **kwargs):
+    self.fail()
+
+
+# any use of an unlisted value (arithmetic, comparison, conversion, call) names the key
+for _name in ("add", "radd", "sub", "rsub", "mul", "rmul", "truediv", "rtruediv", "floordiv", "rfloordiv", "pow",
+              "rpow", "mod", "lt", "le", "gt", "ge", "ne", "neg", "pos", "abs", "float", "int", "index", "contains",
+              "call", "round"):
+    setattr(_Unlisted, f"__{_name}__", _fail_on_use)
+
+
 class _ListedMapping(dict):
     """A mapping of which only some keys are listed; reading another names it."""
 

@@ -65,7 +65,10 @@ def params():
 
 def method_block(name: str, **changes) -> Any:
     """Method `name`'s block of the shrunk real params.yaml, with `changes` replaced."""
-    block = shrunk_params().method(name)
+    params = shrunk_params()
+    block = params.method(name)
+    if name == "mst":  # the top-level topk, as the phase-3 stages pass it
+        block = block.with_topk(params.topk)
     return dataclasses.replace(block, **changes) if changes else block
 
 

@@ -4,54 +4,20 @@ learning-rate schedules, selection, taps and params."""
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
 from scipy.stats import kendalltau
 
-from pipeline.methods.common.base import MethodSetup, TrainContext, check_teacher_config
+from pipeline.methods.common.base import MethodSetup, check_teacher_config
 from pipeline.methods.c2kd import (C2KD, C2KDParams, C2KDTaps, ProxyNet, ProxyNet1D, build_proxy, kendall_tau_b,
                                    masked_non_target_kl, mutual_kl, non_target_kl, poly_lr)
-from pipeline.models.registry import build_network
-from pipeline.params import _parse
-from pipeline.training.engine import EngineConfig, train
-from tests.conftest import synthetic_dataset, synthetic_split
-
-# the params.yaml block reported for the integrator, verbatim
-BLOCK = """
-# C²KD (baselines-spec.md §2.10). CM teacher only; the teacher is fine-tuned jointly with the student.
-c2kd:
-  teachers:                   # Table 1 row: C²KD (CM)
-  - cm
-  taps:                       # module feeding each proxy head, per dataset and teacher->student pair
-    av_digits:
-      m2_to_m1:               # audio ThreeLayerCNN-A teacher -> image LeNet5 student
-        teacher: conv3_maxpool  # 128x2x2 map -> ProxyNet(128, K)
-        student: fc1            # 84 -> ProxyNet1D(84, K)
-      m1_to_m2:               # image LeNet5 teacher -> audio ThreeLayerCNN-A student
-        teacher: fc1
-        student: conv3_maxpool
-    av_mnist:                 # same modules (conv3_maxpool is 128x14x14 at 112x112)
-      m2_to_m1:
-        teacher: conv3_maxpool
-        student: fc1
-      m1_to_m2:
-        teacher: fc1
-        student: conv3_maxpool
-  lr: 0.01                    # SGD over teacher + student + proxies (C²KD's own lr, not training.lr)
-  momentum: 0.9
-  krc: 0.0                    # Kendall tau-b threshold of the on-the-fly selection
-  lr_schedule: constant       # constant: authors (Q1, poly decay never applied); poly: official C2KD
-  poly_power: 0.9             # poly: lr = poly_min_lr + (lr - poly_min_lr)(1 - progress)^poly_power
-  poly_min_lr: 0.0001
-  selection: val_loss         # val_loss: authors (min val CE); late_val_accuracy: official (best val acc late)
-  selection_start: 0.8        # late_val_accuracy: only epochs >= 0.8 x epochs count (official: 80 of 100)
-"""
+from pipeline.params import ParamsError, parse
+from pipeline.training.engine import train
+from tests.conftest import method_block, method_setup, raw_params, run_context, synthetic_dataset, synthetic_split
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -63,41 +29,39 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-SHAPES = {"m1": (1, 28, 28), "m2": (1, 16, 16)}
-ARCHS = {"m1": "lenet5", "m2": "three_layer_cnn_a"}
-
-
 def _params(**changes) -> C2KDParams:
-    return dataclasses.replace(_parse(C2KDParams, yaml.safe_load(BLOCK)["c2kd"], "c2kd", "test"), **changes)
+    """The real c2kd block of params.yaml, with `changes`."""
+    return method_block("c2kd", **changes)
 
 
-def _network(role: str):
-    if role == "mm":
-        return build_network("cnn_i", ["m1", "m2"], 10, [SHAPES["m1"], SHAPES["m2"]])
-    return build_network(ARCHS[role], [role], 10, [SHAPES[role]])
+def _setup(data, target: str, params: C2KDParams | None = None) -> MethodSetup:
+    """The pipeline's setup for a CM teacher (the other modality's network, built first) and a fresh student."""
+    return method_setup("c2kd", "cm", target, data, block=params or _params())
 
 
-def _setup(data, target: str, params: C2KDParams | None = None, dataset: str = "av_digits") -> MethodSetup:
-    torch.manual_seed(0)
-    other = "m2" if target == "m1" else "m1"
-    teacher = _network(other)
-    student = _network(target)
-    return MethodSetup(student=student, teacher=teacher, teacher_config="cm", target=target, dataset=dataset,
-                       num_classes=10, sample=data.batch(torch.arange(4)), build_network=_network,
-                       method_params=params or _params())
-
-
-def _context(data, epochs: int = 3, batch_size: int = 16) -> TrainContext:
-    return TrainContext(data, synthetic_split(), batch_size, epochs, 1e-3, 10, torch.Generator().manual_seed(0))
+def _context(data, epochs: int = 3, batch_size: int = 16):
+    return run_context(data, synthetic_split(), epochs=epochs, batch_size=batch_size, lr=1e-3)
 
 
 def test_params_block_parses():
-    p = _params()
+    p = parse(C2KDParams, raw_params()["c2kd"], "c2kd", "test")
+    assert p == _params()
     assert p.teachers == ["cm"]
-    assert p.taps["av_digits"]["m2_to_m1"] == C2KDTaps(teacher="conv3_maxpool", student="fc1")
-    assert p.taps["av_mnist"]["m1_to_m2"] == C2KDTaps(teacher="fc1", student="conv3_maxpool")
+    assert p.taps == {"three_layer_cnn_a": {"lenet5": C2KDTaps(teacher="conv3_maxpool", student="fc1")},
+                      "lenet5": {"three_layer_cnn_a": C2KDTaps(teacher="fc1", student="conv3_maxpool")}}
     assert (p.lr, p.momentum, p.krc, p.lr_schedule, p.selection) == (0.01, 0.9, 0.0, "constant", "val_loss")
     assert (p.poly_power, p.poly_min_lr, p.selection_start) == (0.9, 1e-4, 0.8)
+
+
+def test_unknown_tap_modules_are_rejected_when_the_block_is_parsed():
+    raw = raw_params()["c2kd"]
+    raw["taps"]["three_layer_cnn_a"]["lenet5"]["teacher"] = "conv9"
+    with pytest.raises(ParamsError, match=r"c2kd\.taps\.three_layer_cnn_a\.lenet5.*conv9"):
+        parse(C2KDParams, raw, "c2kd", "test")
+    raw = raw_params()["c2kd"]
+    raw["taps"]["lenet5"]["resnet"] = raw["taps"]["lenet5"]["three_layer_cnn_a"]
+    with pytest.raises(ParamsError, match=r"c2kd\.taps\.lenet5\.resnet.*unknown architecture"):
+        parse(C2KDParams, raw, "c2kd", "test")
 
 
 def test_only_the_cm_teacher_is_supported():
@@ -310,18 +274,22 @@ def test_engine_run_trains_the_teacher():
     data = synthetic_dataset()
     method = C2KD.from_setup(_setup(data, "m2"))
     teacher_before = copy.deepcopy(method.teacher.state_dict())
-    result = train(method, data, synthetic_split(), EngineConfig(epochs=2, batch_size=16, lr=1e-3), 10,
-                   torch.Generator().manual_seed(0))
-    assert result.history[-1]["lr"] == 0.01 and math.isfinite(result.history[-1]["train_loss"])
+    result = train(method, _context(data, epochs=2))
+    assert [p.name for p in result.phases] == ["main"] and len(result.final.history) == 2
+    assert result.final.history[-1]["lr"] == 0.01 and math.isfinite(result.final.history[-1]["train_loss"])
+    assert method.teacher.training and all(p.requires_grad for p in method.teacher.parameters())
     assert any(not torch.equal(teacher_before[k], v) for k, v in method.teacher.state_dict().items())
 
 
 def test_missing_taps_are_clear_key_errors():
     data = synthetic_dataset()
-    with pytest.raises(KeyError, match=r"c2kd\.taps\.av_mnist is missing"):
-        C2KD.from_setup(_setup(data, "m1", _params(taps={"av_digits": {}}), dataset="av_mnist"))
-    with pytest.raises(KeyError, match=r"c2kd\.taps\.av_digits\.m2_to_m1 is missing"):
-        C2KD.from_setup(_setup(data, "m1", _params(taps={"av_digits": {}})))
-    bad = {"av_digits": {"m2_to_m1": C2KDTaps(teacher="conv9", student="fc1")}}
-    with pytest.raises(KeyError, match="no module named 'conv9'"):
+    taps = _params().taps
+    with pytest.raises(KeyError, match=r"c2kd\.taps\.three_layer_cnn_a\.lenet5 is missing"):
+        C2KD.from_setup(_setup(data, "m1", _params(taps={})))
+    with pytest.raises(KeyError, match=r"c2kd\.taps\.three_layer_cnn_a\.lenet5 is missing"):
+        C2KD.from_setup(_setup(data, "m1", _params(taps={"lenet5": taps["lenet5"]})))
+    with pytest.raises(KeyError, match=r"c2kd\.taps\.lenet5\.three_layer_cnn_a is missing"):
+        C2KD.from_setup(_setup(data, "m2", _params(taps={"three_layer_cnn_a": taps["three_layer_cnn_a"]})))
+    bad = {"three_layer_cnn_a": {"lenet5": C2KDTaps(teacher="conv9", student="fc1")}}
+    with pytest.raises(KeyError, match="no module named 'conv9'"):  # an unchecked block reaching the method
         C2KD.from_setup(_setup(data, "m1", _params(taps=bad)))

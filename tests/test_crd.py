@@ -1,5 +1,6 @@
 """CRD: the NCE loss against its formula on a fixed memory, negatives, the momentum update, Z, the method
-built for every pair, frozen teacher, cached teacher features, taps, memory bound and params."""
+built for every architecture pair with its trained parts, cached teacher features, taps, memory bound and
+params (frozen teacher unchanged and cache == recompute for every pair: tests/test_method_contract.py)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
 
-from pipeline.methods.common.base import MethodSetup, TrainContext, check_teacher_config
+from pipeline.methods.common.alpha import AlphaParams
+from pipeline.methods.common.base import check_teacher_config
+from pipeline.methods.common.tapped_features import FeatureTap, PairTaps
 from pipeline.methods.crd import (
     ContrastiveRepresentationDistillation,
     ContrastMemory,
@@ -20,63 +22,23 @@ from pipeline.methods.crd import (
     NegativeSampler,
     nce_loss,
 )
-from pipeline.models.registry import build_network
-from pipeline.params import _parse
-from tests.conftest import synthetic_dataset, synthetic_split
+from pipeline.params import ParamsError, parse
+from pipeline.training.engine import train
+from tests.conftest import method_block, method_setup, raw_params, run_context, synthetic_dataset, synthetic_split
 
-BLOCK = """
-# CRD, contrastive representation distillation (baselines-spec.md §2.7, quirk Q8).
-crd:
-  teachers:                      # Table 1 rows: CRD (MM) and CRD (CM)
-  - mm
-  - cm
-  alpha: 0.5                     # (1-alpha)*CE + alpha*L_CRD
-  alpha_schedule: authors_step   # authors_step: alpha halved every alpha_decay_every epochs; constant: fixed
-  alpha_decay_every: 30
-  alpha_decay_factor: 0.5
-  loss_form: authors             # authors: (1-alpha)*CE + alpha*L_CRD; original (RepDistiller): CE + 0.8*L_CRD
-  original_weight: 0.8           # CRD weight of loss_form original
-  feat_dim: 128                  # embedding width (student and teacher embeddings both trained)
-  nce_k:                         # negatives per sample, other classes only, with replacement when fewer exist
-    av_digits: 4096              # (Q8: ~1,080 candidates per class here); authors 4096, original 16384
-    av_mnist: 4096
-  nce_t: 0.07                    # temperature of exp(e.v / t)
-  momentum: 0.5                  # memory bank update
-  max_memory_mb: 4096            # checked before training: banks + per-batch contrast tensors (av_mnist ~1.6 GB)
-  cache_max_mb: 1024             # teacher features are cached when the table fits (not av_mnist m2_to_m1: 6.7 GB;
-                                 # there the frozen teacher is re-run every batch, same values)
-  taps:                          # per pair: teacher and student module; pool k >= 2: k x k max-pool, then flatten
-    av_digits:
-      mm_to_m1:                  # CNN-I fc1 (298) -> LeNet5 fc1 (84)
-        teacher: {module: fc1, pool: 0}
-        student: {module: fc1, pool: 0}
-      mm_to_m2:                  # CNN-I fc1 -> ThreeLayerCNN-A conv3 (pre-ReLU), 2x2 max-pool: 128x2x2 = 512
-        teacher: {module: fc1, pool: 0}
-        student: {module: conv3, pool: 2}
-      m2_to_m1:                  # ThreeLayerCNN-A conv3 pooled -> LeNet5 fc1
-        teacher: {module: conv3, pool: 2}
-        student: {module: fc1, pool: 0}
-      m1_to_m2:                  # LeNet5 fc1 -> ThreeLayerCNN-A conv3 pooled
-        teacher: {module: fc1, pool: 0}
-        student: {module: conv3, pool: 2}
-    av_mnist:                    # same modules; conv3 pooled is 128x14x14 = 25088 at 112x112
-      mm_to_m1:
-        teacher: {module: fc1, pool: 0}
-        student: {module: fc1, pool: 0}
-      mm_to_m2:
-        teacher: {module: fc1, pool: 0}
-        student: {module: conv3, pool: 2}
-      m2_to_m1:
-        teacher: {module: conv3, pool: 2}
-        student: {module: fc1, pool: 0}
-      m1_to_m2:
-        teacher: {module: fc1, pool: 0}
-        student: {module: conv3, pool: 2}
-"""
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one intra-op thread avoids thread contention on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _params(**changes) -> CRDParams:
-    return dataclasses.replace(_parse(CRDParams, yaml.safe_load(BLOCK)["crd"], "crd", "test"), **changes)
+    """The real params.yaml block of CRD (shrunk), with `changes`."""
+    return method_block("crd", **changes)
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
@@ -206,29 +168,14 @@ def test_negatives_without_replacement_are_uniform_subsets():
     assert codes.min() > 6000 / 20 * 0.75 and codes.max() < 6000 / 20 * 1.25
 
 
-def _nets(config: str, target: str):
-    shapes = {"m1": (1, 28, 28), "m2": (1, 16, 16)}
-    arch = {"m1": "lenet5", "m2": "three_layer_cnn_a"}
-    other = "m2" if target == "m1" else "m1"
-    torch.manual_seed(0)
-    teacher = (build_network("cnn_i", ["m1", "m2"], 10, [shapes["m1"], shapes["m2"]]) if config == "mm"
-               else build_network(arch[other], [other], 10, [shapes[other]]))
-    student = build_network(arch[target], [target], 10, [shapes[target]])
-    return student, teacher
-
-
-def _method(config="mm", target="m2", params=None, cache=True, dataset="av_digits"):
+def _method(config="mm", target="m2", params=None, cache=True):
     data = synthetic_dataset()
-    student, teacher = _nets(config, target)
-    setup = MethodSetup(student=student, teacher=teacher, teacher_config=config, target=target, dataset=dataset,
-                        num_classes=10, sample=data.batch(torch.arange(4)), build_network=None,
-                        method_params=params or _params(), cache_frozen_outputs=cache)
+    setup = method_setup("crd", config, target, data, block=params or _params(), cache=cache)
     return ContrastiveRepresentationDistillation.from_setup(setup), data
 
 
 def _context(data, batch_size=16):
-    return TrainContext(data, synthetic_split(), batch_size=batch_size, epochs=2, lr=1e-2, num_classes=10,
-                        generator=torch.Generator().manual_seed(0))
+    return run_context(data, synthetic_split(), epochs=2, batch_size=batch_size, lr=1e-2)
 
 
 def _steps(method, data, n=2):
@@ -310,23 +257,31 @@ def test_cached_teacher_features_give_the_same_loss_as_recomputed():
     assert not small_cache.teacher_features.enabled  # the table does not fit: the teacher is re-run
 
 
+def _with_module(pair: PairTaps, side: str, **changes) -> PairTaps:
+    return dataclasses.replace(pair, **{side: dataclasses.replace(getattr(pair, side), **changes)})
+
+
 def test_memory_bound_and_bad_taps_are_clear_errors():
     method, data = _method("mm", "m1", _params(max_memory_mb=1.0))
     with pytest.raises(ValueError, match=r"crd\.max_memory_mb is 1, but the contrast memory needs"):
         method.prepare(_context(data))
     with pytest.raises(RuntimeError, match="prepare"):
         _method("mm", "m1")[0].loss_terms(data.batch(torch.arange(4)), 0)
-    pair = _params().taps["av_digits"]["mm_to_m1"]
+    pair = _params().taps["cnn_i"]["lenet5"]
+    # a module the architecture does not have: a KeyError naming it when it reaches the method ...
     with pytest.raises(KeyError, match="no module named 'conv9'"):
-        _method("mm", "m1", _params(taps={"av_digits": {"mm_to_m1": dataclasses.replace(
-            pair, student=dataclasses.replace(pair.student, module="conv9"))}}))
-    with pytest.raises(KeyError, match=r"crd\.taps\.av_digits\.m1_to_m2 is missing"):
-        _method("cm", "m2", _params(taps={"av_digits": {"mm_to_m1": pair}}))
+        _method("mm", "m1", _params(taps={"cnn_i": {"lenet5": _with_module(pair, "student", module="conv9")}}))
+    # ... and rejected when params.yaml is parsed, naming the key
+    raw = raw_params()["crd"]
+    raw["taps"]["cnn_i"]["lenet5"]["student"]["module"] = "conv9"
+    with pytest.raises(ParamsError, match=r"crd\.taps\.cnn_i\.lenet5: 'conv9' is not a module of lenet5"):
+        parse(CRDParams, raw, "crd", "test")
+    with pytest.raises(KeyError, match=r"crd\.taps\.lenet5\.three_layer_cnn_a is missing"):
+        _method("cm", "m2", _params(taps={"cnn_i": {"lenet5": pair}}))
     with pytest.raises(KeyError, match=r"crd\.nce_k\.av_digits is missing"):
         _method("mm", "m1", _params(nce_k={"av_mnist": 4096}))
-    with pytest.raises(ValueError, match=r"crd\.taps\.av_digits\.mm_to_m1\.teacher\.pool"):
-        _method("mm", "m1", _params(taps={"av_digits": {"mm_to_m1": dataclasses.replace(
-            pair, teacher=dataclasses.replace(pair.teacher, pool=2))}}))
+    with pytest.raises(ValueError, match=r"crd\.taps\.cnn_i\.lenet5\.teacher\.pool"):
+        _method("mm", "m1", _params(taps={"cnn_i": {"lenet5": _with_module(pair, "teacher", pool=2)}}))
     check_teacher_config(ContrastiveRepresentationDistillation, "mm")
     check_teacher_config(ContrastiveRepresentationDistillation, "cm")
     with pytest.raises(ValueError, match="does not support teacher config 'mm\\+cm'"):
@@ -338,22 +293,23 @@ def test_params_block_parses():
     assert params.teachers == ["mm", "cm"]
     assert params.nce_k == {"av_digits": 4096, "av_mnist": 4096}
     assert (params.feat_dim, params.nce_t, params.momentum, params.original_weight) == (128, 0.07, 0.5, 0.8)
-    assert params.taps["av_mnist"]["m2_to_m1"].teacher == dataclasses.replace(
-        params.taps["av_mnist"]["m2_to_m1"].teacher, module="conv3", pool=2)
-    with pytest.raises(ValueError, match=r"crd\.nce_k"):
-        _parse(CRDParams, {**yaml.safe_load(BLOCK)["crd"], "nce_k": {"av_digits": 0}}, "crd", "test")
+    assert (params.loss_form, params.max_memory_mb, params.cache_max_mb) == ("authors", 4096.0, 1024.0)
+    assert params.taps["three_layer_cnn_a"]["lenet5"] == PairTaps(FeatureTap("conv3", 2), FeatureTap("fc1", 0))
+    assert params.taps["cnn_i"]["three_layer_cnn_a"].student == FeatureTap("conv3", 2)
+    assert params.alpha == AlphaParams(0.5, "authors_step", 30, 0.5)
+    with pytest.raises(ParamsError, match=r"crd\.nce_k"):
+        parse(CRDParams, {**raw_params()["crd"], "nce_k": {"av_digits": 0}}, "crd", "test")
 
 
 def test_trains_through_the_engine_reproducibly():
     """Two engine runs from the same seed give identical histories (seeded memory and negatives)."""
-    from pipeline.training.engine import EngineConfig, train
-
     histories = []
     for _ in range(2):
         torch.manual_seed(3)
         method, data = _method("cm", "m1")
-        result = train(method, data, synthetic_split(), EngineConfig(epochs=2, batch_size=16, lr=1e-2), 10,
-                       torch.Generator().manual_seed(0))
-        histories.append(result.history)
+        result = train(method, run_context(data, synthetic_split(), epochs=2, batch_size=16, lr=1e-2))
+        assert [p.name for p in result.phases] == ["main"]
+        histories.append(result.final.history)
+    assert len(histories[0]) == 2
     assert histories[0] == histories[1]
     assert all(math.isfinite(h["train_crd"]) for h in histories[0])

@@ -1,34 +1,19 @@
 """DML: the mutual-learning loss, its detach points, the three trained networks, the optimiser's
-equivalence with three separate Adams, the authors' stage-1 variant and the params block."""
+equivalence with three separate Adams, the MST collaborative-initialisation variant and the params block."""
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 
 import pytest
 import torch
-import yaml
 
-from pipeline.methods.common.base import MethodSetup, TrainContext, check_teacher_config
+from pipeline.methods.common.base import check_teacher_config
 from pipeline.methods.dml import VARIANTS, DeepMutualLearning, DMLParams, PeerLoss, mutual_learning_terms
 from pipeline.methods.mst.losses import bidirectional_alignment
-from pipeline.models.registry import build_network
-from pipeline.params import _parse
-from tests.conftest import synthetic_dataset, synthetic_split
-
-# the params.yaml block reported for the integrator, verbatim
-BLOCK = """
-# Deep mutual learning (baselines-spec.md §2.8; not in the authors' code): student + fresh MM network +
-# fresh other-modality network, trained together from scratch.
-dml:
-  teachers:                   # Table 1 row: DML (MM+CM)
-  - mm+cm
-  variant: dml                # dml: Zhang et al. 2018 (T=1, peers detached, mean over peers);
-                              # mst_collaborative_init: MST stage 1 (T=4 x T^2, not detached, sum over peers)
-  kl_weight: 1.0              # lambda on each network's peer KL
-"""
+from pipeline.params import ParamsError, parse
+from tests.conftest import method_block, method_setup, raw_params, run_context, synthetic_dataset, synthetic_split
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -40,26 +25,13 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-SHAPES = {"m1": (1, 28, 28), "m2": (1, 16, 16)}
-ARCHS = {"m1": "lenet5", "m2": "three_layer_cnn_a"}
-
-
 def _params(**changes) -> DMLParams:
-    return dataclasses.replace(_parse(DMLParams, yaml.safe_load(BLOCK)["dml"], "dml", "test"), **changes)
-
-
-def _network(role: str):
-    if role == "mm":
-        return build_network("cnn_i", ["m1", "m2"], 10, [SHAPES["m1"], SHAPES["m2"]])
-    return build_network(ARCHS[role], [role], 10, [SHAPES[role]])
+    """The real dml block of params.yaml, with `changes`."""
+    return method_block("dml", **changes)
 
 
 def _method(data, target: str, params: DMLParams | None = None) -> DeepMutualLearning:
-    torch.manual_seed(0)
-    setup = MethodSetup(student=_network(target), teacher=None, teacher_config="mm+cm", target=target,
-                        dataset="av_digits", num_classes=10, sample=data.batch(torch.arange(4)),
-                        build_network=_network, method_params=params or _params())
-    return DeepMutualLearning.from_setup(setup)
+    return DeepMutualLearning.from_setup(method_setup("dml", "mm+cm", target, data, block=params or _params()))
 
 
 def _step(method, optimizer, batch):
@@ -71,10 +43,19 @@ def _step(method, optimizer, batch):
 
 
 def test_params_block_parses_and_variants_are_as_documented():
-    p = _params()
+    p = parse(DMLParams, raw_params()["dml"], "dml", "test")
+    assert p == _params()
     assert (p.teachers, p.variant, p.kl_weight) == (["mm+cm"], "dml", 1.0)
+    assert set(VARIANTS) == {"dml", "mst_collaborative_init"}
     assert VARIANTS["dml"] == PeerLoss(temperature=1.0, detach_peers=True, peer_reduction="mean")
     assert VARIANTS["mst_collaborative_init"] == PeerLoss(temperature=4.0, detach_peers=False, peer_reduction="sum")
+
+
+def test_the_old_variant_name_is_rejected_with_the_key():
+    raw = raw_params()["dml"]
+    raw["variant"] = "authors_stage1"  # renamed mst_collaborative_init
+    with pytest.raises(ParamsError, match=r"dml\.variant.*mst_collaborative_init"):
+        parse(DMLParams, raw, "dml", "test")
 
 
 def test_only_mm_plus_cm_is_supported():
@@ -151,7 +132,7 @@ def test_builds_three_networks_and_all_of_them_train(target):
     other = "m2" if target == "m1" else "m1"
     assert method.student.inputs == (target,) and method.cm_network.inputs == (other,)
     assert method.mm_network.inputs == ("m1", "m2")
-    method.prepare(TrainContext(data, synthetic_split(), 16, 2, 1e-3, 10, torch.Generator().manual_seed(0)))
+    method.prepare(run_context(data, synthetic_split(), epochs=2, batch_size=16, lr=1e-3))
     optimizer = method.configure_optimizer(1e-3)
     assert isinstance(optimizer, torch.optim.Adam) and len(optimizer.param_groups) == 3
     assert all(g["lr"] == 1e-3 for g in optimizer.param_groups)

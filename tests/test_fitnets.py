@@ -1,4 +1,4 @@
-"""FitNets: regressors and the hint loss against hand computations, the two stages, caching and errors."""
+"""FitNets: regressors and the hint loss against hand computations, the hint and main phases, caching and errors."""
 
 from __future__ import annotations
 
@@ -8,107 +8,77 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
 
-from pipeline.methods.common.base import MethodSetup, TrainContext, check_teacher_config
-from pipeline.methods.fitnets import (FitNets, FitNetsParams, HintRegressor, Regressor1D, hint_loss,
+from pipeline.methods.common.alpha import AlphaParams
+from pipeline.methods.common.base import check_teacher_config
+from pipeline.methods.common.kl import hinton_kd_loss
+from pipeline.methods.fitnets import (FitNets, FitNetsParams, HintPair, HintRegressor, Regressor1D, hint_loss,
                                       trunk_parameter_names)
-from pipeline.methods.kd import hinton_kd_loss
-from pipeline.models.registry import build_network
-from pipeline.params import _parse
-from pipeline.training.engine import EngineConfig, train
-from tests.conftest import synthetic_dataset, synthetic_split
-
-PAIRS = """
-      mm_to_m1:              # CNN-I -> LeNet5
-      - teacher: concat_identity
-        student: conv3
-        regressor: r2d_to_1d
-      - teacher: fc1
-        student: fc1
-        regressor: r1d
-      mm_to_m2:              # CNN-I -> ThreeLayerCNN-A
-      - teacher: concat_identity
-        student: conv2
-        regressor: r2d_to_1d
-      - teacher: fc1
-        student: conv3
-        regressor: r2d_to_1d
-      m1_to_m2:              # LeNet5 -> ThreeLayerCNN-A
-      - teacher: conv1
-        student: conv2
-        regressor: down
-      - teacher: flatten_identity
-        student: conv3_maxpool_flatten
-        regressor: r1d
-      m2_to_m1:              # ThreeLayerCNN-A -> LeNet5
-      - teacher: conv2
-        student: conv1
-        regressor: up
-      - teacher: conv3_maxpool_flatten
-        student: flatten_identity
-        regressor: r1d
-"""
-BLOCK = f"""
-teachers:
-- mm
-- cm
-temperature: 4.0
-alpha: 0.5
-alpha_schedule: authors_step
-alpha_decay_every: 30
-alpha_decay_factor: 0.5
-hint_lr: 0.001
-hint_epochs:
-  av_digits: 15
-  av_mnist: 100
-hint_scope: tapped_layers
-selection: combined
-taps:
-  av_digits:{PAIRS}
-  av_mnist:{PAIRS}
-"""
+from pipeline.params import ParamsError, parse
+from pipeline.training.engine import run_phase, train
+from tests.conftest import (method_block, method_setup, raw_params, role_network, run_context, synthetic_dataset,
+                            synthetic_split)
 
 N = 50  # samples: 30 train, 10 val, 10 test
-ROLES = {"mm": ("cnn_i", ["m1", "m2"], [(1, 28, 28), (1, 16, 16)]), "m1": ("lenet5", ["m1"], [(1, 28, 28)]),
-         "m2": ("three_layer_cnn_a", ["m2"], [(1, 16, 16)])}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny batches: one thread is as fast, and far faster when other processes load the CPUs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _params(**changes) -> FitNetsParams:
-    params = _parse(FitNetsParams, yaml.safe_load(BLOCK), "fitnets", "test")
-    return dataclasses.replace(params, **{"hint_epochs": {"av_digits": 1}, **changes})
-
-
-def _net(role: str):
-    arch, inputs, shapes = ROLES[role]
-    return build_network(arch, inputs, 10, shapes)
+    """The real fitnets block (shrunk: one hint epoch on AV-Digits), with `changes`."""
+    return method_block("fitnets", **{"hint_epochs": {"av_digits": 1}, **changes})
 
 
 def _method(config: str, target: str, params: FitNetsParams | None = None, cache: bool = True, data=None) -> FitNets:
-    torch.manual_seed(0)
-    other = "m2" if target == "m1" else "m1"
-    teacher = _net("mm" if config == "mm" else other)
-    student = _net(target)
     data = data if data is not None else synthetic_dataset(N)
-    setup = MethodSetup(student=student, teacher=teacher, teacher_config=config, target=target, dataset="av_digits",
-                        num_classes=10, sample=data.batch(torch.arange(4)), build_network=_net,
-                        method_params=params or _params(), cache_frozen_outputs=cache)
-    return FitNets.from_setup(setup)
+    return FitNets.from_setup(method_setup("fitnets", config, target, data, block=params or _params(), cache=cache))
 
 
-def _context(data, log=lambda metrics, step: None) -> TrainContext:
-    return TrainContext(data, synthetic_split(N), batch_size=16, epochs=2, lr=1e-3, num_classes=10,
-                        generator=torch.Generator().manual_seed(0), log=log)
+def _context(data):
+    return run_context(data, synthetic_split(N), epochs=2, batch_size=16, lr=1e-3)
+
+
+def _hint(method: FitNets, context, log=None):
+    """Phase `hint` as the engine runs it, then the main phase's `prepare` (the teacher-logit cache)."""
+    result = run_phase(method.hint_phase(context), context, log)
+    method.prepare(context)
+    return result
 
 
 def test_params_block_parses():
-    params = _parse(FitNetsParams, yaml.safe_load(BLOCK), "fitnets", "test")
-    assert params.teachers == ["mm", "cm"] and params.hint_epochs == {"av_digits": 15, "av_mnist": 100}
+    raw = raw_params()["fitnets"]
+    params = parse(FitNetsParams, raw, "fitnets", "test")
+    assert params == method_block("fitnets", hint_epochs=raw["hint_epochs"])  # shrinking only touches hint_epochs
+    assert params.teachers == ["mm", "cm"] and params.hint_epochs == raw["hint_epochs"]
+    assert all(isinstance(v, int) and v >= 0 for v in params.hint_epochs.values())
     assert params.hint_lr == 0.001 and params.hint_scope == "tapped_layers" and params.selection == "combined"
-    pair = params.taps["av_digits"]["m1_to_m2"][0]
-    assert (pair.teacher, pair.student, pair.regressor) == ("conv1", "conv2", "down")
-    assert params.taps["av_mnist"] == params.taps["av_digits"]
-    assert params.schedule()(30) == 0.25
+    assert params.temperature == 4.0
+    assert params.alpha == AlphaParams(0.5, "authors_step", 30, 0.5)
+    pair = params.taps["lenet5"]["three_layer_cnn_a"][0]
+    assert pair == HintPair(teacher="conv1", student="conv2", regressor="down")
+    assert {(t, s) for t, row in params.taps.items() for s in row} == {
+        ("cnn_i", "lenet5"), ("cnn_i", "three_layer_cnn_a"), ("lenet5", "three_layer_cnn_a"),
+        ("three_layer_cnn_a", "lenet5")}
+    assert all(len(pairs) == 2 for row in params.taps.values() for pairs in row.values())
+    assert params.alpha(29) == 0.5 and params.alpha(30) == 0.25
+
+
+def test_unknown_tap_modules_are_rejected_when_the_block_is_parsed():
+    raw = raw_params()["fitnets"]
+    raw["taps"]["three_layer_cnn_a"]["lenet5"][0]["student"] = "conv9"
+    with pytest.raises(ParamsError, match=r"fitnets\.taps\.three_layer_cnn_a\.lenet5.*conv9"):
+        parse(FitNetsParams, raw, "fitnets", "test")
+    raw = raw_params()["fitnets"]
+    raw["taps"]["cnn_i"]["lenet5"][1]["regressor"] = "sideways"
+    with pytest.raises(ParamsError, match=r"fitnets\.taps\.cnn_i\.lenet5\[1\]\.regressor"):
+        parse(FitNetsParams, raw, "fitnets", "test")
 
 
 def test_r1d_regressor_matches_hand_computation():
@@ -172,12 +142,15 @@ def test_builds_trains_hints_then_kd(config, target):
     method = _method(config, target, data=data)
     guided = {"mm_m1": {"conv3", "fc1"}, "mm_m2": {"conv2", "conv3"}, "cm_m1": {"conv1"}, "cm_m2": {"conv2"}}
     assert {name.split(".")[1] for name in method.guided} == guided[f"{config}_{target}"]
+    context = _context(data)
+    assert [phase.name for phase in method.phases(context)] == ["hint", "main"]
     before = copy.deepcopy(method.student.state_dict())
     logged = []
-    method.prepare(_context(data, log=lambda metrics, step: logged.append((step, metrics))))
-    assert [step for step, _ in logged] == [0] and set(logged[0][1]) == {"hint_train_loss", "hint_val_loss"}
+    _hint(method, context, log=lambda phase, epoch, metrics: logged.append((phase, epoch, metrics)))
+    assert [(phase, epoch) for phase, epoch, _ in logged] == [("hint", 0)]
+    assert set(logged[0][2]) == {"train_hint", "train_loss", "val_hint", "best_epoch"}
     after = method.student.state_dict()
-    for name in before:  # Q4: only the hinted layers move in stage 1
+    for name in before:  # Q4: only the hinted layers move in the hint phase
         moved = not torch.equal(before[name], after[name])
         assert moved == (name in method.guided), name
     assert method.regressors is None
@@ -196,8 +169,15 @@ def test_builds_trains_hints_then_kd(config, target):
     assert torch.isfinite(loss)
 
 
+def test_no_hint_phase_without_hint_epochs():
+    data = synthetic_dataset(N)
+    method = _method("cm", "m2", _params(hint_epochs={"av_digits": 0}), data=data)
+    assert [phase.name for phase in method.phases(_context(data))] == ["main"]
+    assert method.regressors is None
+
+
 def test_trunk_scope_trains_everything_up_to_the_last_tap():
-    student = _net("m1")
+    student = role_network("m1")
     sample = synthetic_dataset(N).batch(torch.arange(2))
     names = trunk_parameter_names(student, ["conv1", "flatten_identity"], sample)
     assert names == {f"body.{m}.{p}" for m in ("conv1", "conv2", "conv3") for p in ("weight", "bias")}
@@ -209,10 +189,11 @@ def test_the_best_validation_hint_state_is_reloaded():
     data = synthetic_dataset(N)
     method = _method("cm", "m2", _params(hint_epochs={"av_digits": 4}, hint_lr=0.05), data=data)
     snapshots = []
-    method.prepare(_context(data, log=lambda m, step: snapshots.append(
-        (m["hint_val_loss"], copy.deepcopy(method.student.state_dict())))))
+    result = _hint(method, _context(data), log=lambda phase, epoch, m: snapshots.append(
+        (m["val_hint"], copy.deepcopy(method.student.state_dict()))))
     assert len(snapshots) == 4
     best = min(range(4), key=lambda i: snapshots[i][0])
+    assert result.best_epoch == best
     final = method.student.state_dict()
     assert all(torch.equal(final[k], v) for k, v in snapshots[best][1].items())
 
@@ -238,12 +219,15 @@ def test_validation_score_is_the_alpha_weighted_kd_objective():
     assert ce_method.validation_score(context, 0) is None
 
 
-def test_frozen_teacher_is_unchanged_through_both_stages():
+def test_train_runs_the_hint_then_the_main_phase_with_the_teacher_frozen():
     data = synthetic_dataset(N)
     method = _method("cm", "m1", data=data)
     before = copy.deepcopy(method.teacher.state_dict())
-    train(method, data, synthetic_split(N), EngineConfig(epochs=1, batch_size=16, lr=1e-2), 10,
-          torch.Generator().manual_seed(0))
+    result = train(method, run_context(data, synthetic_split(N), epochs=1, batch_size=16, lr=1e-2))
+    assert [(p.name, p.epochs, len(p.history)) for p in result.phases] == [("hint", 1, 1), ("main", 1, 1)]
+    assert {"train_hint", "val_hint"} <= set(result.phases[0].history[0])
+    assert {"train_ce", "train_kd", "val_loss", "val_selection_score", "alpha"} <= set(result.final.history[0])
+    assert method.regressors is None and set(result.test) == {"student"}
     assert not method.teacher.training
     assert all(p.grad is None and not p.requires_grad for p in method.teacher.parameters())
     assert all(torch.equal(before[k], v) for k, v in method.teacher.state_dict().items())
@@ -254,7 +238,7 @@ def test_cached_teacher_taps_and_logits_give_the_same_training():
     methods = []
     for cache in (True, False):
         method = _method("mm", "m2", cache=cache, data=data)
-        method.prepare(_context(data))
+        _hint(method, _context(data))
         methods.append(method)
     cached, fresh = methods
     for key, value in cached.student.state_dict().items():
@@ -265,15 +249,18 @@ def test_cached_teacher_taps_and_logits_give_the_same_training():
 
 
 def test_configuration_errors_are_clear():
-    bad_tap = _params()
-    pairs = dict(bad_tap.taps["av_digits"])
-    pairs["m2_to_m1"] = [dataclasses.replace(pairs["m2_to_m1"][0], student="conv9"), pairs["m2_to_m1"][1]]
-    with pytest.raises(KeyError, match="conv9"):
-        _method("cm", "m1", dataclasses.replace(bad_tap, taps={"av_digits": pairs}))
-    with pytest.raises(KeyError, match="fitnets.taps.av_digits.mm_to_m1 is missing"):
-        _method("mm", "m1", dataclasses.replace(bad_tap, taps={"av_digits": {}}))
+    params = _params()
+    pairs = params.taps["three_layer_cnn_a"]["lenet5"]
+    bad_pairs = [dataclasses.replace(pairs[0], student="conv9"), pairs[1]]
+    bad_tap = dataclasses.replace(params, taps={**params.taps, "three_layer_cnn_a": {"lenet5": bad_pairs}})
+    with pytest.raises(KeyError, match="conv9"):  # an unchecked block reaching the method
+        _method("cm", "m1", bad_tap)
+    with pytest.raises(KeyError, match="fitnets.taps.cnn_i.lenet5 is missing"):
+        _method("mm", "m1", dataclasses.replace(params, taps={}))
+    with pytest.raises(KeyError, match="fitnets.taps.lenet5.three_layer_cnn_a is missing"):
+        _method("cm", "m2", dataclasses.replace(params, taps={"cnn_i": params.taps["cnn_i"]}))
     with pytest.raises(KeyError, match="fitnets.hint_epochs.av_digits is missing"):
-        _method("mm", "m1", dataclasses.replace(bad_tap, hint_epochs={"av_mnist": 3}))
+        _method("mm", "m1", dataclasses.replace(params, hint_epochs={"av_mnist": 3}))
     with pytest.raises(ValueError, match="mm\\+cm"):
         check_teacher_config(FitNets, "mm+cm")
     check_teacher_config(FitNets, "mm")

@@ -74,8 +74,9 @@ def test_builds_trains_and_keeps_frozen_parts_frozen(method, config, target, pha
     built = _build(method, config, target, phase, setting, data)
     frozen = _frozen_state(built)
     context = run_context(data, synthetic_split(N), epochs=1)
+    declared = [p.name for p in _build(method, config, target, phase, setting, data).phases(context)]
     result = train(built, context)
-    assert [p.name for p in result.phases] == [p.name for p in result.phases]  # phases ran in declared order
+    assert [p.name for p in result.phases] == declared  # every declared phase ran, in order
     assert all(math.isfinite(epoch["train_loss"]) for p in result.phases for epoch in p.history)
     assert all(len(p.history) == p.epochs for p in result.phases)
     for module, before in frozen:

@@ -9,83 +9,50 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import nn
 
-from pipeline.methods.common.base import MethodSetup, TrainContext, check_teacher_config
-from pipeline.methods.kd import hinton_kd_loss, softened_kl
+from pipeline.methods.common.base import check_teacher_config
+from pipeline.methods.common.kl import hinton_kd_loss, softened_kl
 from pipeline.methods.mgdfr import (MGDFR, MGDFRParams, co_training_terms, freeze_features, min_max_normalise,
                                     naive_permutation_salience, permutation_salience, permute_feature,
                                     permuted_copies)
-from pipeline.models.registry import Network, build_network
-from pipeline.params import _parse
-from pipeline.training.engine import EngineConfig, train
-from tests.conftest import synthetic_dataset, synthetic_split
-
-BLOCK = """
-teachers:
-- cm
-temperature: 4.0
-alpha: 0.5
-alpha_schedule: authors_step
-alpha_decay_every: 30
-alpha_decay_factor: 0.5
-kd_form: authors
-co_lr: 0.001
-co_epochs:
-  av_digits: 15
-  av_mnist: 100
-repeat_permute:
-  av_digits: 10
-  av_mnist: 10
-salience_batch_multiplier:
-  av_digits: 6
-  av_mnist: 6
-salience: all_batches
-ratio: 0.75
-taps:
-  av_digits:
-    m2_to_m1: conv3
-    m1_to_m2: fc1
-  av_mnist:
-    m2_to_m1: conv3
-    m1_to_m2: fc1
-salience_taps:
-  av_digits:
-    m2_to_m1: conv3_maxpool
-    m1_to_m2: fc1
-  av_mnist:
-    m2_to_m1: conv3_maxpool
-    m1_to_m2: fc1
-"""
+from pipeline.models.registry import Network
+from pipeline.params import ParamsError, parse
+from pipeline.training.engine import run_phase, train
+from tests.conftest import (method_block, method_setup, raw_params, role_network, run_context, synthetic_dataset,
+                            synthetic_split)
 
 N = 50  # samples: 30 train, 10 val, 10 test
-ROLES = {"m1": ("lenet5", ["m1"], [(1, 28, 28)]), "m2": ("three_layer_cnn_a", ["m2"], [(1, 16, 16)])}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny batches: one thread is as fast, and far faster when other processes load the CPUs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _params(**changes) -> MGDFRParams:
-    params = _parse(MGDFRParams, yaml.safe_load(BLOCK), "mgdfr", "test")
-    small = {"co_epochs": {"av_digits": 1}, "repeat_permute": {"av_digits": 1}}
-    return dataclasses.replace(params, **{**small, **changes})
-
-
-def _net(role: str) -> Network:
-    arch, inputs, shapes = ROLES[role]
-    return build_network(arch, inputs, 10, shapes)
+    """The real mgdfr block (shrunk: one co-training epoch, one permutation per feature), with `changes`."""
+    return method_block("mgdfr", **{"co_epochs": {"av_digits": 1}, "repeat_permute": {"av_digits": 1}, **changes})
 
 
 def _method(target: str, params: MGDFRParams | None = None, data=None) -> MGDFR:
-    torch.manual_seed(0)
     data = data if data is not None else synthetic_dataset(N)
-    setup = MethodSetup(student=_net(target), teacher=None, teacher_config="cm", target=target, dataset="av_digits",
-                        num_classes=10, sample=data.batch(torch.arange(4)), build_network=_net,
-                        method_params=params or _params())
-    return MGDFR.from_setup(setup)
+    return MGDFR.from_setup(method_setup("mgdfr", "cm", target, data, block=params or _params()))
 
 
-def _context(data) -> TrainContext:
-    return TrainContext(data, synthetic_split(N), batch_size=8, epochs=1, lr=1e-3, num_classes=10,
-                        generator=torch.Generator().manual_seed(0))
+def _context(data):
+    return run_context(data, synthetic_split(N), epochs=1, batch_size=8, lr=1e-3)
+
+
+def _co_train_and_prepare(method: MGDFR, context, log=None):
+    """Phase `co_training` as the engine runs it, then the main phase's `prepare` (salience, freezing)."""
+    result = run_phase(method.co_training_phase(), context, log)
+    method.prepare(context)
+    return result
 
 
 class _Tiny(nn.Module):
@@ -107,17 +74,30 @@ class _Tiny(nn.Module):
 
 
 def test_params_block_parses():
-    params = _parse(MGDFRParams, yaml.safe_load(BLOCK), "mgdfr", "test")
+    raw = raw_params()["mgdfr"]
+    params = parse(MGDFRParams, raw, "mgdfr", "test")
+    assert params == dataclasses.replace(_params(), co_epochs=raw["co_epochs"], repeat_permute=raw["repeat_permute"])
     assert params.teachers == ["cm"] and params.co_lr == 0.001 and params.ratio == 0.75
-    assert params.co_epochs["av_digits"] == 15 and params.repeat_permute["av_mnist"] == 10
-    assert params.taps["av_digits"] == {"m2_to_m1": "conv3", "m1_to_m2": "fc1"}
-    assert params.salience_taps["av_digits"]["m2_to_m1"] == "conv3_maxpool"
+    assert params.co_epochs == raw["co_epochs"] and params.repeat_permute["av_mnist"] == 10
+    assert params.salience_batch_multiplier == {"av_digits": 6, "av_mnist": 6}
+    assert params.taps == {"three_layer_cnn_a": {"lenet5": "conv3"}, "lenet5": {"three_layer_cnn_a": "fc1"}}
+    assert params.salience_taps["three_layer_cnn_a"]["lenet5"] == "conv3_maxpool"
+    assert params.salience_taps["lenet5"]["three_layer_cnn_a"] == "fc1"
     assert (params.kd_form, params.salience) == ("authors", "all_batches")
+    assert params.temperature == 4.0 and params.alpha(30) == 0.25
+
+
+def test_unknown_tap_modules_are_rejected_when_the_block_is_parsed():
+    for table in ("taps", "salience_taps"):
+        raw = raw_params()["mgdfr"]
+        raw[table]["three_layer_cnn_a"]["lenet5"] = "conv9"
+        with pytest.raises(ParamsError, match=rf"mgdfr\.{table}\.three_layer_cnn_a\.lenet5.*conv9"):
+            parse(MGDFRParams, raw, "mgdfr", "test")
 
 
 def test_co_training_mse_reaches_both_networks():
     data = synthetic_dataset(N)
-    teacher, student = _net("m2"), _net("m1")
+    teacher, student = role_network("m2"), role_network("m1")
     terms = co_training_terms(teacher, student, data.batch(torch.arange(6)))
     assert set(terms) == {"ce_teacher", "ce_student", "mse"}
     z_t, z_s = teacher(data.batch(torch.arange(6))), student(data.batch(torch.arange(6)))
@@ -215,7 +195,7 @@ def test_three_layer_cnn_a_salience_at_conv3_maxpool_equals_conv3():
     """The default salience tap of the audio teacher: the same values as the authors' conv3 permutation."""
     torch.manual_seed(0)
     data = synthetic_dataset(N)
-    teacher, student = _net("m2").eval(), _net("m1").eval()
+    teacher, student = role_network("m2").eval(), role_network("m1").eval()
     values = [permutation_salience(teacher, tap, data.batches(torch.arange(16), 8), student, 1,
                                    torch.Generator().manual_seed(2), definition_tap="conv3")
               for tap in ("conv3", "conv3_maxpool")]
@@ -224,7 +204,7 @@ def test_three_layer_cnn_a_salience_at_conv3_maxpool_equals_conv3():
 
 def test_fast_salience_chunking_does_not_change_the_result():
     data = synthetic_dataset(N)
-    teacher, student = _net("m1").eval(), _net("m2").eval()
+    teacher, student = role_network("m1").eval(), role_network("m2").eval()
     values = [permutation_salience(teacher, "fc1", data.batches(torch.arange(16), 8), student, 1,
                                    torch.Generator().manual_seed(0), chunk_elements=chunk) for chunk in (1, 10**9)]
     torch.testing.assert_close(values[0], values[1], rtol=1e-5, atol=1e-7)
@@ -235,11 +215,12 @@ def test_builds_prepares_and_trains_the_student(target):
     data = synthetic_dataset(N)
     method = _method(target, data=data)
     assert method.teacher.arch == ("three_layer_cnn_a" if target == "m1" else "lenet5")
-    logged = []
     context = _context(data)
-    context.log = lambda metrics, step: logged.append(metrics)
-    method.prepare(context)
-    assert set(logged[0]) == {"co_train_ce_teacher", "co_train_ce_student", "co_train_mse", "co_train_loss"}
+    assert [phase.name for phase in method.phases(context)] == ["co_training", "main"]
+    logged = []
+    _co_train_and_prepare(method, context, log=lambda phase, epoch, metrics: logged.append((phase, epoch, metrics)))
+    assert [(phase, epoch) for phase, epoch, _ in logged] == [("co_training", 0)]
+    assert set(logged[0][2]) == {"train_ce_teacher", "train_ce_student", "train_mse", "train_loss", "best_epoch"}
     features = 128 if target == "m1" else 84
     assert method.salience.shape == (features,)
     assert method.salience.min() == 0 and method.salience.max() == 1
@@ -248,6 +229,7 @@ def test_builds_prepares_and_trains_the_student(target):
     kept[method.frozen_features] = False
     assert method.salience[method.frozen_features].max() <= method.salience[kept].min()
     assert method.co_student is None and not method.teacher.training
+    assert all(not p.requires_grad and p.grad is None for p in method.teacher.parameters())
     optimizer = method.configure_optimizer(1e-3)
     optimised = {id(p) for group in optimizer.param_groups for p in group["params"]}
     assert optimised == {id(p) for p in method.student.parameters()}
@@ -280,7 +262,7 @@ def test_kd_stage_losses_and_uncacheable_teacher():
     data = synthetic_dataset(N)
     context = _context(data)
     method = _method("m2", data=data)
-    method.prepare(context)
+    _co_train_and_prepare(method, context)
     batch = data.batch(synthetic_split(N)["train"][:8])
     logits, teacher = method.student(batch), method.teacher_logits(batch)
     terms = method.loss_terms(batch, 30)  # α = 0.25
@@ -298,13 +280,23 @@ def test_kd_stage_losses_and_uncacheable_teacher():
     assert not torch.allclose(alone, teacher[:4])
 
 
-def test_engine_run_keeps_the_teacher_frozen():
+def test_engine_run_co_trains_the_teacher_then_keeps_it_frozen():
     data = synthetic_dataset(N)
     method = _method("m2", data=data)
-    result = train(method, data, synthetic_split(N), EngineConfig(epochs=1, batch_size=8, lr=1e-3), 10,
-                   torch.Generator().manual_seed(0))
-    assert result.history and not method.teacher.training
-    assert all(not p.requires_grad for p in method.teacher.parameters())
+    initial = copy.deepcopy(method.teacher.state_dict())
+    co_trained = {}
+
+    def log(phase, epoch, metrics):
+        if phase == "co_training":  # no selection in co-training: the last epoch's teacher is kept
+            co_trained.update(copy.deepcopy(method.teacher.state_dict()))
+
+    result = train(method, _context(data), log)
+    assert [(p.name, len(p.history)) for p in result.phases] == [("co_training", 1), ("main", 1)]
+    assert any(not torch.equal(initial[k], v) for k, v in co_trained.items())  # the teacher was co-trained
+    assert all(torch.equal(co_trained[k], v) for k, v in method.teacher.state_dict().items())  # then frozen
+    assert not method.teacher.training and method.co_student is None
+    assert all(not p.requires_grad and p.grad is None for p in method.teacher.parameters())
+    assert {"train_ce", "train_kd", "val_loss", "alpha"} <= set(result.final.history[0])
 
 
 def test_configuration_errors_are_clear():
@@ -312,11 +304,15 @@ def test_configuration_errors_are_clear():
         check_teacher_config(MGDFR, "mm")
     check_teacher_config(MGDFR, "cm")
     params = _params()
-    with pytest.raises(KeyError, match="conv9"):
-        _method("m1", dataclasses.replace(params, taps={"av_digits": {"m2_to_m1": "conv9", "m1_to_m2": "fc1"}}))
-    with pytest.raises(KeyError, match="mgdfr.taps.av_digits.m1_to_m2 is missing"):
-        _method("m2", dataclasses.replace(params, taps={"av_digits": {"m2_to_m1": "conv3"}}))
+    with pytest.raises(KeyError, match="conv9"):  # an unchecked block reaching the method
+        _method("m1", dataclasses.replace(params, taps={"three_layer_cnn_a": {"lenet5": "conv9"},
+                                                        "lenet5": {"three_layer_cnn_a": "fc1"}}))
+    with pytest.raises(KeyError, match="mgdfr.taps.lenet5.three_layer_cnn_a is missing"):
+        _method("m2", dataclasses.replace(params, taps={"three_layer_cnn_a": {"lenet5": "conv3"}}))
+    with pytest.raises(KeyError, match="mgdfr.salience_taps.lenet5.three_layer_cnn_a is missing"):
+        _method("m2", dataclasses.replace(params, salience_taps={"three_layer_cnn_a": {"lenet5": "conv3_maxpool"}}))
     with pytest.raises(KeyError, match="mgdfr.co_epochs.av_digits is missing"):
         _method("m2", dataclasses.replace(params, co_epochs={"av_mnist": 1}))
     with pytest.raises(ValueError, match="features"):
-        _method("m1", dataclasses.replace(params, salience_taps={"av_digits": {"m2_to_m1": "conv3_maxpool_flatten"}}))
+        _method("m1", dataclasses.replace(
+            params, salience_taps={"three_layer_cnn_a": {"lenet5": "conv3_maxpool_flatten"}}))

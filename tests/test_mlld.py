@@ -9,30 +9,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
 
-from pipeline.methods.common.base import MethodSetup, TrainContext, check_teacher_config
-from pipeline.methods.kd import AlphaSchedule
+from pipeline.methods.common.alpha import AlphaParams
+from pipeline.methods.common.base import check_teacher_config
 from pipeline.methods.mlld import (MLLDParams, MultiLevelLogitDistillation, confidence_fractions, mlld_loss,
                                    multi_level_terms)
-from pipeline.models.registry import build_network
-from pipeline.params import _parse
-from tests.conftest import synthetic_dataset, synthetic_split
+from pipeline.params import ParamsError, parse
+from tests.conftest import method_block, method_setup, raw_params, run_context, synthetic_dataset, synthetic_split
 
 TEMPS = [2.0, 3.0, 4.0, 5.0, 6.0]
-
-PARAMS_BLOCK = """
-teachers:
-- mm
-- cm
-temperatures: [2.0, 3.0, 4.0, 5.0, 6.0]
-alpha: 0.5
-alpha_schedule: authors_step
-alpha_decay_every: 30
-alpha_decay_factor: 0.5
-normalisation: authors
-confidence_masks: false
-"""
 
 
 @pytest.fixture(autouse=True)
@@ -137,39 +122,35 @@ def test_loss_is_zero_for_identical_logits_and_teacher_is_detached():
 
 
 def test_params_block_parses():
-    p = _parse(MLLDParams, yaml.safe_load(PARAMS_BLOCK), "mlld", "test")
+    p = method_block("mlld")  # the real params.yaml block: the authors' MLLD
+    assert isinstance(p, MLLDParams)
     assert p.teachers == ["mm", "cm"] and p.temperatures == TEMPS
     assert p.normalisation == "authors" and p.confidence_masks is False
-    assert p.schedule() == AlphaSchedule(0.5, "authors_step", 30, 0.5)
+    assert p.alpha == AlphaParams(0.5, "authors_step", 30, 0.5)
+    raw = raw_params()["mlld"]
+    with pytest.raises(ParamsError, match=r"mlld\.normalisation"):
+        parse(MLLDParams, {**raw, "normalisation": "bogus"}, "mlld", "test")
+    with pytest.raises(ParamsError, match=r"mlld\.temperatures"):
+        parse(MLLDParams, {**raw, "temperatures": []}, "mlld", "test")
 
 
-def _setup(data, split, config, target, cache=True, **overrides):
-    torch.manual_seed(0)
-    shapes = {"m1": (1, 28, 28), "m2": (1, 16, 16)}
-    archs = {"m1": "lenet5", "m2": "three_layer_cnn_a"}
-
-    def build(role):
-        if role == "mm":
-            return build_network("cnn_i", ["m1", "m2"], 10, [shapes["m1"], shapes["m2"]])
-        return build_network(archs[role], [role], 10, [shapes[role]])
-
-    teacher = build("mm" if config == "mm" else ("m2" if target == "m1" else "m1"))
-    params = _parse(MLLDParams, {**yaml.safe_load(PARAMS_BLOCK), **overrides}, "mlld", "test")
-    return MethodSetup(student=build(target), teacher=teacher, teacher_config=config, target=target,
-                       dataset="av_digits", num_classes=10, sample=data.batch(split["train"][:4]),
-                       build_network=build, method_params=params, cache_frozen_outputs=cache)
+def _setup(data, config, target, cache=True, **overrides):
+    return method_setup("mlld", config, target, data, cache=cache, block=method_block("mlld", **overrides))
 
 
 def _context(data, split):
-    return TrainContext(data, split, 16, 2, 1e-3, 10, torch.Generator().manual_seed(0))
+    return run_context(data, split, epochs=2, batch_size=16, lr=1e-3)
 
 
 @pytest.mark.parametrize("config", ["mm", "cm"])
 @pytest.mark.parametrize("target", ["m1", "m2"])
-def test_method_trains_and_teacher_stays_frozen(config, target):
+def test_method_trains_with_official_switches_and_teacher_stays_frozen(config, target):
+    """The official normalisation and confidence masks train every pair (the authors' default: the
+    method contract test)."""
     data, split = synthetic_dataset(), synthetic_split()
-    method = MultiLevelLogitDistillation.from_setup(_setup(data, split, config, target,
-                                                           normalisation="official", confidence_masks=True))
+    method = MultiLevelLogitDistillation.from_setup(_setup(data, config, target, normalisation="official",
+                                                           confidence_masks=True))
+    assert (method.normalisation, method.confidence_masks) == ("official", True)
     method.prepare(_context(data, split))
     optimizer = method.configure_optimizer(1e-3)
     teacher_before = copy.deepcopy(method.teacher.state_dict())
@@ -194,7 +175,7 @@ def test_terms_are_alpha_weighted_and_cache_equals_recompute():
     batch = data.batch(split["train"][:16])
     values = []
     for cache in (True, False):
-        method = MultiLevelLogitDistillation.from_setup(_setup(data, split, "mm", "m2", cache=cache))
+        method = MultiLevelLogitDistillation.from_setup(_setup(data, "mm", "m2", cache=cache))
         method.prepare(_context(data, split))
         values.append({k: v.item() for k, v in method.loss_terms(batch, 30).items()})
     cached, fresh = values
@@ -213,3 +194,5 @@ def test_unsupported_teacher_config_and_normalisation_are_rejected():
     check_teacher_config(MultiLevelLogitDistillation, "cm")
     with pytest.raises(ValueError, match="normalisation"):
         multi_level_terms(*_logits(), TEMPS, "bogus")
+    with pytest.raises(ValueError, match="normalisation"):
+        MultiLevelLogitDistillation.from_setup(_setup(synthetic_dataset(), "mm", "m1", normalisation="bogus"))

@@ -8,41 +8,16 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import nn
 
-from pipeline.methods.common.base import MethodSetup, TrainContext, check_teacher_config
-from pipeline.methods.kd import AlphaSchedule
-from pipeline.methods.ofa import OFAParams, OneForAll, build_projector, ofa_loss, pair_key
-from pipeline.models.registry import build_network
+from pipeline.methods.common.alpha import AlphaParams
+from pipeline.methods.common.base import check_teacher_config
+from pipeline.methods.common.features import probe_shapes
+from pipeline.methods.ofa import OFAParams, OneForAll, build_projector, ofa_loss
 from pipeline.models.taps import FeatureTaps
-from pipeline.params import _parse
-from tests.conftest import synthetic_dataset, synthetic_split
-
-PARAMS_BLOCK = """
-teachers:
-- mm
-- cm
-taps:
-  av_digits:
-    mm_to_m1: [conv1, conv2, fc1]
-    mm_to_m2: [conv1, conv2, conv3]
-    m2_to_m1: [conv1, conv2, fc1]
-    m1_to_m2: [conv1, conv2, conv3]
-  av_mnist:
-    mm_to_m1: [conv1, conv2, fc1]
-    mm_to_m2: [conv1, conv2, conv3]
-    m2_to_m1: [conv1, conv2, fc1]
-    m1_to_m2: [conv1, conv2, conv3]
-eps: 1.1
-temperature: 1.0
-alpha: 0.5
-alpha_schedule: authors_step
-alpha_decay_every: 30
-alpha_decay_factor: 0.5
-aggregation: mean
-logit_term: false
-"""
+from pipeline.params import ParamsError, parse
+from tests.conftest import method_block, method_setup, raw_params, role_network, run_context, synthetic_dataset, \
+    synthetic_split
 
 
 @pytest.fixture(autouse=True)
@@ -91,7 +66,7 @@ def test_ofa_loss_detaches_teacher():
     assert teacher.grad is None and student.grad is not None
 
 
-# per-batch tap shapes on AV-Digits (16×16 spectrograms) and AV-MNIST (112×112)
+# per-sample tap shapes on AV-Digits (16×16 spectrograms) and AV-MNIST (112×112)
 TAP_SHAPES = [(6, 28, 28), (16, 10, 10), (120, 1, 1), (84,), (32, 16, 16), (64, 8, 8), (128, 4, 4), (128, 2, 2),
               (512,), (64, 56, 56)]
 
@@ -99,7 +74,7 @@ TAP_SHAPES = [(6, 28, 28), (16, 10, 10), (120, 1, 1), (84,), (32, 16, 16), (64, 
 @pytest.mark.parametrize("shape", TAP_SHAPES)
 def test_projector_outputs_class_logits(shape):
     torch.manual_seed(0)
-    projector = build_projector(torch.Size((2, *shape)), 10)
+    projector = build_projector(shape, 10)
     projector.train()
     out = projector(torch.randn(3, *shape))
     assert out.shape == (3, 10) and torch.isfinite(out).all()
@@ -115,61 +90,68 @@ def test_projector_outputs_class_logits(shape):
     assert all(torch.count_nonzero(m.bias) == 0 and m.weight.abs().max() < 0.15 for m in linears)  # std 0.02
 
 
+@pytest.mark.parametrize("shape", [(2, 6, 28, 28), (5, 84), ()])
+def test_projector_rejects_batch_shapes(shape):
+    """build_projector takes a per-sample shape: (C, H, W) or (d,)."""
+    with pytest.raises(ValueError, match="per sample"):
+        build_projector(shape, 10)
+
+
 def test_projector_on_the_av_digits_student_taps():
     """Real tap outputs, incl. the small 2-D maps (LeNet conv2 16×10×10, ThreeLayerCNN-A conv3 128×4×4)."""
     torch.manual_seed(0)
-    nets = {"m1": (build_network("lenet5", ["m1"], 10, [(1, 28, 28)]), ["conv1", "conv2", "fc1"]),
-            "m2": (build_network("three_layer_cnn_a", ["m2"], 10, [(1, 16, 16)]), ["conv1", "conv2", "conv3"])}
+    nets = {"m1": (role_network("m1"), ["conv1", "conv2", "fc1"]),
+            "m2": (role_network("m2"), ["conv1", "conv2", "conv3"])}
     batch = synthetic_dataset(n=20).batch(torch.arange(5))
     expected = {"m1": [(6, 28, 28), (16, 10, 10), (84,)], "m2": [(32, 16, 16), (64, 8, 8), (128, 4, 4)]}
     for role, (net, taps) in nets.items():
         with FeatureTaps(net.body, taps) as recorded:
             net(batch)
         assert [tuple(recorded[n].shape[1:]) for n in taps] == expected[role]
+        assert probe_shapes(net, taps, batch) == dict(zip(taps, expected[role]))  # what from_setup sizes with
         for name in taps:
-            assert build_projector(recorded[name].shape, 10)(recorded[name]).shape == (5, 10)
+            assert build_projector(tuple(recorded[name].shape[1:]), 10)(recorded[name]).shape == (5, 10)
 
 
 def test_params_block_parses():
-    p = _parse(OFAParams, yaml.safe_load(PARAMS_BLOCK), "ofa", "test")
+    p = method_block("ofa")  # the real params.yaml block: the authors' OFA
+    assert isinstance(p, OFAParams)
     assert p.teachers == ["mm", "cm"] and p.eps == 1.1 and p.temperature == 1.0
-    assert p.taps["av_mnist"]["m2_to_m1"] == ["conv1", "conv2", "fc1"]
+    assert p.taps["three_layer_cnn_a"]["lenet5"] == ["conv1", "conv2", "fc1"]
+    assert p.taps["cnn_i"]["three_layer_cnn_a"] == ["conv1", "conv2", "conv3"]
     assert p.aggregation == "mean" and p.logit_term is False
-    assert p.schedule() == AlphaSchedule(0.5, "authors_step", 30, 0.5)
+    assert p.alpha == AlphaParams(0.5, "authors_step", 30, 0.5)
 
 
-def test_pair_keys():
-    assert [pair_key(c, t) for c in ("mm", "cm") for t in ("m1", "m2")] == ["mm_to_m1", "mm_to_m2", "m2_to_m1",
-                                                                            "m1_to_m2"]
+# (teacher config, target) -> (teacher architecture, student architecture): the key of the tap table
+PAIRS = {("mm", "m1"): ("cnn_i", "lenet5"), ("mm", "m2"): ("cnn_i", "three_layer_cnn_a"),
+         ("cm", "m1"): ("three_layer_cnn_a", "lenet5"), ("cm", "m2"): ("lenet5", "three_layer_cnn_a")}
 
 
-def _setup(data, split, config, target, cache=True, dataset="av_digits", **overrides):
-    torch.manual_seed(0)
-    shapes = {"m1": (1, 28, 28), "m2": (1, 16, 16)}
-    archs = {"m1": "lenet5", "m2": "three_layer_cnn_a"}
+@pytest.mark.parametrize("config,target", list(PAIRS))
+def test_taps_are_looked_up_by_architecture_pair(config, target):
+    data = synthetic_dataset()
+    setup = _setup(data, config, target)
+    assert (setup.teacher.arch, setup.student.arch) == PAIRS[config, target]
+    method = OneForAll.from_setup(setup)
+    teacher_arch, student_arch = PAIRS[config, target]
+    assert method.taps == setup.method_params.taps[teacher_arch][student_arch]
+    assert len(method.projectors) == len(method.taps)
 
-    def build(role):
-        if role == "mm":
-            return build_network("cnn_i", ["m1", "m2"], 10, [shapes["m1"], shapes["m2"]])
-        return build_network(archs[role], [role], 10, [shapes[role]])
 
-    teacher = build("mm" if config == "mm" else ("m2" if target == "m1" else "m1"))
-    raw = {**yaml.safe_load(PARAMS_BLOCK), **overrides}
-    params = _parse(OFAParams, raw, "ofa", "test")
-    return MethodSetup(student=build(target), teacher=teacher, teacher_config=config, target=target,
-                       dataset=dataset, num_classes=10, sample=data.batch(split["train"][:4]),
-                       build_network=build, method_params=params, cache_frozen_outputs=cache)
+def _setup(data, config, target, cache=True, **overrides):
+    return method_setup("ofa", config, target, data, cache=cache, block=method_block("ofa", **overrides))
 
 
 def _context(data, split):
-    return TrainContext(data, split, 16, 2, 1e-3, 10, torch.Generator().manual_seed(0))
+    return run_context(data, split, epochs=2, batch_size=16, lr=1e-3)
 
 
 @pytest.mark.parametrize("config", ["mm", "cm"])
 @pytest.mark.parametrize("target", ["m1", "m2"])
 def test_method_trains_projectors_and_teacher_stays_frozen(config, target):
     data, split = synthetic_dataset(), synthetic_split()
-    method = OneForAll.from_setup(_setup(data, split, config, target))
+    method = OneForAll.from_setup(_setup(data, config, target))
     method.prepare(_context(data, split))
     optimizer = method.configure_optimizer(1e-3)
     trainable = {id(p) for group in optimizer.param_groups for p in group["params"]}
@@ -197,7 +179,7 @@ def test_terms_aggregation_logit_term_and_cache():
     batch = data.batch(split["train"][:16])
     values = {}
     for cache in (True, False):
-        method = OneForAll.from_setup(_setup(data, split, "mm", "m1", cache=cache))
+        method = OneForAll.from_setup(_setup(data, "mm", "m1", cache=cache))
         method.prepare(_context(data, split))
         method.eval()  # BN of the projectors in eval: the explicit recomputation below must see the same maps
         values[cache] = {k: v.item() for k, v in method.loss_terms(batch, 60).items()}
@@ -208,10 +190,11 @@ def test_terms_aggregation_logit_term_and_cache():
     branches = [ofa_loss(proj(recorded[n]), teacher_logits, batch["y"], 1.1).item()
                 for n, proj in zip(method.taps, method.projectors)]
     alpha = 0.125
+    assert method.epoch_values(60) == {"alpha": alpha}
     assert values[True]["ofa"] == pytest.approx(alpha * sum(branches) / 3, rel=1e-5)
     assert values[True]["ce"] == pytest.approx((1 - alpha) * F.cross_entropy(logits, batch["y"]).item(), rel=1e-5)
 
-    official = OneForAll.from_setup(_setup(data, split, "mm", "m1", aggregation="sum", logit_term=True))
+    official = OneForAll.from_setup(_setup(data, "mm", "m1", aggregation="sum", logit_term=True))
     official.prepare(_context(data, split))
     official.eval()
     terms = {k: v.item() for k, v in official.loss_terms(batch, 60).items()}
@@ -221,14 +204,20 @@ def test_terms_aggregation_logit_term_and_cache():
 
 
 def test_missing_taps_and_unknown_modules_are_clear_errors():
-    data, split = synthetic_dataset(), synthetic_split()
-    with pytest.raises(KeyError, match="ofa.taps.ravdess is missing"):
-        OneForAll.from_setup(_setup(data, split, "mm", "m1", dataset="ravdess"))
-    partial = {"av_digits": {"mm_to_m2": ["conv1"]}}
-    with pytest.raises(KeyError, match="ofa.taps.av_digits.mm_to_m1 is missing"):
-        OneForAll.from_setup(_setup(data, split, "mm", "m1", taps=partial))
+    data = synthetic_dataset()
+    partial = {"cnn_i": {"three_layer_cnn_a": ["conv1"]}}
+    with pytest.raises(KeyError, match=r"ofa\.taps\.cnn_i\.lenet5 is missing"):
+        OneForAll.from_setup(_setup(data, "mm", "m1", taps=partial))
+    with pytest.raises(KeyError, match=r"ofa\.taps\.three_layer_cnn_a\.lenet5 is missing"):
+        OneForAll.from_setup(_setup(data, "cm", "m1", taps=partial))  # no row for the teacher architecture
+    # a module the architecture does not have: rejected when params.yaml is parsed, naming the key ...
+    raw = raw_params()["ofa"]
+    raw["taps"]["lenet5"]["three_layer_cnn_a"] = ["conv1", "conv9"]
+    with pytest.raises(ParamsError, match=r"ofa\.taps\.lenet5\.three_layer_cnn_a: 'conv9' is not a module"):
+        parse(OFAParams, raw, "ofa", "test")
+    # ... and, if it reaches the method anyway, a KeyError naming the module
     with pytest.raises(KeyError, match="no module named 'conv9'"):
-        OneForAll.from_setup(_setup(data, split, "cm", "m2", taps={"av_digits": {"m1_to_m2": ["conv1", "conv9"]}}))
+        OneForAll.from_setup(_setup(data, "cm", "m2", taps={"lenet5": {"three_layer_cnn_a": ["conv1", "conv9"]}}))
 
 
 def test_unsupported_teacher_config_is_rejected():

@@ -2,28 +2,18 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 
 import pytest
 import torch
-import yaml
 
-from pipeline import parallel
-from pipeline.benchmark import LoadedDataset, train_teachers
 from pipeline.data.catalog import dataset_spec
-from pipeline.params import parse_params
-from pipeline.parallel import RecordingTracker, resolve_workers, run_jobs
-from tests.conftest import REPO, synthetic_dataset, synthetic_split
-
-
-def _params(workers: int):
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    raw = copy.deepcopy(raw)
-    raw.update(seeds=[0, 1], workers=workers)
-    raw["training"]["av_digits"].update(epochs=2, batch_size=16)
-    raw["teacher_training"]["av_digits"].update(epochs=2, batch_size=16)
-    return parse_params(raw)
+from pipeline.orchestration import parallel
+from pipeline.orchestration.config import parse_params
+from pipeline.orchestration.parallel import RecordingTracker, resolve_workers, run_jobs
+from pipeline.orchestration.runs import LoadedDataset
+from pipeline.orchestration.teachers import train_teachers
+from tests.conftest import shrunk_params, shrunk_raw, synthetic_dataset, synthetic_split
 
 
 def _loaded() -> LoadedDataset:
@@ -33,7 +23,8 @@ def _loaded() -> LoadedDataset:
 
 def _train(tmp_path, workers: int):
     tracker = RecordingTracker()
-    records = train_teachers(_params(workers), _loaded(), tmp_path / f"w{workers}", tracker)
+    records = train_teachers(shrunk_params(seeds=(0, 1), workers=workers), _loaded(), tmp_path / f"w{workers}",
+                             tracker)
     return records, tracker.runs
 
 
@@ -43,8 +34,9 @@ def test_teachers_trained_in_two_workers_equal_the_serial_ones(tmp_path):
     forked, forked_runs = _train(tmp_path, 2)
     assert [dataclasses.asdict(r) for r in serial] == [dataclasses.asdict(r) for r in forked]
     # 3 networks per seed; the unimodal ones double as the w/o KD rows (same settings for students and teachers)
-    assert [(r.stage, r.target) for r in serial if r.seed == 0] == [("teachers", "mm"), ("teachers", "m1"),
-                                                                   ("teachers", "m2"), ("wo_kd", "m1"), ("wo_kd", "m2")]
+    assert {r.stage for r in serial} == {"teachers"}
+    assert [(r.setting, r.target) for r in serial if r.seed == 0] == [
+        ("teacher", "multimodal"), ("teacher", "image"), ("teacher", "audio"), ("wo_kd", "image"), ("wo_kd", "audio")]
     for seed in (0, 1):
         for role in ("mm", "m1", "m2"):
             a = (tmp_path / "w1" / f"seed{seed}" / f"{role}.pt").read_bytes()
@@ -52,9 +44,16 @@ def test_teachers_trained_in_two_workers_equal_the_serial_ones(tmp_path):
             assert a == b, (seed, role)
     # the replayed runs carry the same names, params and per-epoch metrics, in job order
     assert [r.name for r in serial_runs] == [r.name for r in forked_runs]
+    assert len(serial_runs) == 6  # the w/o KD rows are no runs of their own
+
     def metrics(runs):  # everything but the measured wall time
         return [[({k: v for k, v in m.items() if k != "wall_time_s"}, step) for m, step in r.metrics] for r in runs]
     assert metrics(serial_runs) == metrics(forked_runs)
+    # per-epoch metrics are logged under the phase's name, one step per epoch
+    for run in forked_runs:
+        epochs = [(m, step) for m, step in run.metrics if "main/val_loss" in m]
+        assert [step for _, step in epochs] == [0, 1], run.name
+        assert {"main/train_loss", "main/val_accuracy", "main/best_epoch"} <= set(epochs[0][0])
     assert [r.params for r in serial_runs] == [r.params for r in forked_runs]
     assert all(any(name == "confusion_matrix.png" for name, _ in r.artifacts) for r in forked_runs)
 
@@ -86,12 +85,13 @@ def test_workers_resolution():
 
 
 def test_students_with_other_settings_get_their_own_wo_kd_runs(tmp_path):
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    raw.update(seeds=[0], workers=1)
+    torch.set_num_threads(1)
+    raw = shrunk_raw(seeds=(0,), workers=1)
     raw["training"]["av_digits"].update(epochs=1, batch_size=32)
-    raw["teacher_training"]["av_digits"].update(epochs=2, batch_size=16)
     tracker = RecordingTracker()
     records = train_teachers(parse_params(raw), _loaded(), tmp_path, tracker)
-    assert [(r.stage, r.target, r.epochs) for r in records] == [
-        ("teachers", "mm", 2), ("teachers", "m1", 2), ("teachers", "m2", 2), ("wo_kd", "m1", 1), ("wo_kd", "m2", 1)]
+    assert [(r.stage, r.setting, r.target, r.epochs) for r in records] == [
+        ("teachers", "teacher", "multimodal", 2), ("teachers", "teacher", "image", 2),
+        ("teachers", "teacher", "audio", 2), ("teachers", "wo_kd", "image", 1), ("teachers", "wo_kd", "audio", 1)]
+    assert len(tracker.runs) == 5
     assert sorted(p.name for p in (tmp_path / "seed0").iterdir()) == ["m1.pt", "m2.pt", "mm.pt"]

@@ -8,16 +8,21 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline.data.av_digits import AVDigitsRecipe
+from pipeline.data.splits import SplitParams
 from pipeline.methods.kd import KDParams
-from pipeline.params import (AVDigitsParams, EngineParams, Params, ParamsError, SplitParams,
-                             TrackingParams, TrainingParams, load_params, parse_params)
+from pipeline.orchestration.config import Params, load_params, parse_params
+from pipeline.params import ParamsError, UnlistedParamError, flatten, read_yaml, restrict_to
+from pipeline.tracking.base import TrackingParams
+from pipeline.training.settings import EngineParams, TrainingParams
+from tests import conftest
 
 PARAMS_YAML = Path(__file__).parents[1] / "params.yaml"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def raw_params() -> dict:
-    return yaml.safe_load(PARAMS_YAML.read_text())
+    return conftest.raw_params()
 
 
 def _edited(raw: dict, edit) -> dict:
@@ -28,12 +33,12 @@ def _edited(raw: dict, edit) -> dict:
 
 def test_repository_params_yaml_parses():
     """The shipped params.yaml is valid and yields typed dataclasses."""
-    params = load_params(PARAMS_YAML)
+    params = load_params(PARAMS_YAML, restrict=False)
     assert isinstance(params, Params)
-    assert isinstance(params.av_digits, AVDigitsParams)
+    assert isinstance(params.av_digits, AVDigitsRecipe)
     assert isinstance(params.splits, SplitParams)
     assert isinstance(params.engine, EngineParams)
-    assert isinstance(params.kd, KDParams)
+    assert isinstance(params.method("kd"), KDParams)
     assert isinstance(params.tracking, TrackingParams)
     assert all(isinstance(t, TrainingParams) for t in params.training.values())
     assert params.seeds and len(set(params.seeds)) == len(params.seeds)
@@ -43,14 +48,14 @@ def test_repository_params_yaml_parses():
 
 def test_parse_params_matches_load_params(raw_params):
     """parse_params on the loaded YAML gives the same result as load_params on the file."""
-    assert parse_params(raw_params) == load_params(PARAMS_YAML)
+    assert parse_params(raw_params) == load_params(PARAMS_YAML, restrict=False)
 
 
 def test_float_fields_accept_integers_and_return_floats(raw_params):
     """An integer YAML value for a float key is accepted and converted to float."""
     params = parse_params(_edited(raw_params, lambda r: r["kd"].__setitem__("temperature", 4)))
-    assert params.kd.temperature == 4.0
-    assert isinstance(params.kd.temperature, float)
+    assert params.method("kd").temperature == 4.0
+    assert isinstance(params.method("kd").temperature, float)
 
 
 @pytest.mark.parametrize(
@@ -112,6 +117,7 @@ def _add_dataset_without_training(raw):
 BROKEN = [
     # missing keys
     ("missing kd.alpha", _delete("kd", "alpha"), "kd.alpha"),
+    ("missing kd.alpha.initial", _delete("kd", "alpha", "initial"), "kd.alpha.initial"),
     ("missing top-level tracking", _delete("tracking"), "tracking"),
     ("missing av_digits.seed", _delete("av_digits", "seed"), "av_digits.seed"),
     # wrong types
@@ -132,11 +138,13 @@ BROKEN = [
     ("pca_variance_kept 1.5", _set("av_digits", "pca_variance_kept", 1.5), "av_digits.pca_variance_kept"),
     ("samples_per_class 501", _set("av_digits", "samples_per_class", 501), "av_digits.samples_per_class"),
     ("spectrogram_size 8", _set("av_digits", "spectrogram_size", 8), "av_digits.spectrogram_size"),
-    ("kd.alpha 1.5", _set("kd", "alpha", 1.5), "kd.alpha"),
+    ("kd.alpha.initial 1.5", _set("kd", "alpha", "initial", 1.5), "kd.alpha.initial"),
+    ("kd.alpha not a mapping", _set("kd", "alpha", 0.5), "kd.alpha"),
     ("train+val == 1", lambda r: r["splits"].update(train_fraction=0.8, val_fraction=0.2), "splits.val_fraction"),
     ("train+val > 1", lambda r: r["splits"].update(train_fraction=0.7, val_fraction=0.5), "splits.val_fraction"),
     ("snr_db_min > snr_db_max", lambda r: r["av_digits"].update(snr_db_min=7.0, snr_db_max=6.0),
      "av_digits.snr_db_min"),
+    ("lr as yaml-1.1 string 1e-4", _set("training", "av_digits", "lr", "1e-4"), "training.av_digits.lr"),
     ("empty seeds", _set("seeds", []), "seeds"),
     ("duplicate seeds", _set("seeds", [0, 1, 1]), "seeds"),
     ("seed == permutations", _set("seeds", [0, 1, 20]), "seeds[2]"),
@@ -147,7 +155,16 @@ BROKEN = [
      "training.mnist"),
     ("no enabled datasets", _set("datasets", {}), "datasets"),
     ("invalid engine.selection", _set("engine", "selection", "val_acc"), "engine.selection"),
-    ("invalid kd.alpha_schedule", _set("kd", "alpha_schedule", "cosine"), "kd.alpha_schedule"),
+    ("invalid kd.alpha.schedule", _set("kd", "alpha", "schedule", "cosine"), "kd.alpha.schedule"),
+    ("unknown method in methods", _set("methods", ["kd", "kdd"]), "methods[1]"),
+    ("mst in methods", _set("methods", ["mst"]), "methods[0]"),
+    ("unknown tap module", _set("fitnets", "taps", "cnn_i", "lenet5", 0, "student", "conv9"),
+     "fitnets.taps.cnn_i.lenet5"),
+    ("unknown tap architecture", lambda r: r["ofa"]["taps"].__setitem__("resnet", {"lenet5": ["conv1"]}),
+     "ofa.taps.resnet"),
+    ("unknown MST hook", _set("mst", "hooks", "lenet5", ["conv3", "fc9"]), "mst.hooks.lenet5"),
+    ("too few MST hooks", _set("mst", "hooks", "lenet5", ["conv3"]), "mst.hooks.lenet5"),
+    ("topk above N", _set("topk", 5), "topk"),
     ("invalid device gpu", _set("device", "gpu"), "device"),
     ("invalid device tpu:0", _set("device", "tpu:0"), "device"),
     ("invalid device cuda:abc", _set("device", "cuda:abc"), "device"),
@@ -215,13 +232,51 @@ def test_missing_file_names_file(tmp_path):
 
 
 def test_every_registered_method_with_params_has_a_block(raw_params):
-    """The registry and params.yaml agree: each method's block parses into its own params type."""
-    from pipeline.methods import METHODS
+    """The registry and params.yaml agree: each method's block parses into its own params type, and the
+    distill matrix (`methods`) lists every baseline."""
+    from pipeline.methods import all_methods
     params = parse_params(raw_params)
-    for name, cls in METHODS.items():
+    for cls in all_methods():
         if cls.params_type is not None:
-            assert isinstance(params.method(name), cls.params_type), name
-            assert set(params.method(name).teachers) <= set(cls.teacher_configs), name
+            assert isinstance(params.blocks[cls.name], cls.params_type), cls.name
+            assert set(getattr(params.blocks[cls.name], "teachers", [])) <= set(cls.teacher_configs), cls.name
+    assert sorted(params.methods) == sorted(c.name for c in all_methods() if c.name not in ("ce", "mst"))
+
+
+def test_yaml_exponent_without_dot_names_the_key_and_the_fix(raw_params):
+    """YAML 1.1 reads 1e-4 as a string: the error says so and gives the spelling that works."""
+    with pytest.raises(ParamsError) as info:
+        parse_params(_edited(raw_params, _set("training", "av_digits", "lr", "1e-4")))
+    assert "training.av_digits.lr" in str(info.value) and "write 1.0e-4" in str(info.value)
+
+
+def test_empty_params_file_is_one_clear_line(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("# nothing here\n")
+    with pytest.raises(ParamsError, match="the parameters file is empty") as info:
+        read_yaml(path)
+    assert "\n" not in str(info.value) and str(path) in str(info.value)
+
+
+def test_a_restricted_view_reads_listed_keys_and_names_unlisted_ones(raw_params):
+    """What a DVC stage gets: only the keys its dvc.yaml entry lists (and the output-neutral ones)."""
+    params = parse_params(raw_params)
+    view = restrict_to(params, ["seeds", "training.av_digits", "mst.temperature", "kd"], "distill@av_digits-kd")
+    assert view.seeds == params.seeds and view.training["av_digits"] == params.training["av_digits"]
+    assert view.method("kd") == params.method("kd") and view.workers == params.workers  # workers: output-neutral
+    assert view.blocks["mst"].temperature == params.blocks["mst"].temperature
+    with pytest.raises(UnlistedParamError, match=r"params\.yaml: device: stage 'distill@av_digits-kd' reads"):
+        _ = view.device.upper()
+    with pytest.raises(UnlistedParamError, match=r"teacher_training"):
+        _ = view.teacher_training["av_digits"]
+    with pytest.raises(UnlistedParamError, match=r"training\.av_mnist"):
+        _ = view.training["av_mnist"]
+    with pytest.raises(UnlistedParamError, match=r"mst\.heads"):
+        _ = view.blocks["mst"].heads + 1
+    with pytest.raises(UnlistedParamError, match=r"mlld"):
+        view.method("mlld")
+    # what is logged for a run is what the stage depends on
+    assert set(flatten(view.blocks["mst"])) == {"temperature"}
 
 
 def test_missing_method_block_is_named(raw_params):

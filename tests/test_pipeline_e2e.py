@@ -1,7 +1,10 @@
-"""End to end: `dvc repro` of a tiny profile in a temporary clone, then the tables and MLflow runs.
+"""End to end: `dvc repro` of a tiny profile in a temporary clone, then the tables, DVC's own views and the
+MLflow runs.
 
-The clone holds the repository's tracked files (as in the working tree), a fresh git history and no
-DVC cache, like a newcomer's checkout. The tiny profile shrinks AV-Digits, seeds and epochs only.
+The clone holds the repository's tracked files (as in the working tree), a fresh git history and no DVC
+cache, like a newcomer's checkout. The tiny profile shrinks the real params.yaml (AV-Digits size, seeds,
+epochs) and nothing else. Every stage runs under DVC, so every params key a stage reads must be listed in
+dvc.yaml (an unlisted read stops the stage: pipeline/params.py, `restrict_to`).
 """
 
 from __future__ import annotations
@@ -18,21 +21,23 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.methods import METHODS
-from pipeline.reporting.tables import TABLE1_ROWS
-from tests.conftest import REPO
+from pipeline.methods import all_methods, method_class
+from pipeline.reporting.tables import table1_rows
+from tests.conftest import REPO, shrunk_raw
 
 SEEDS = [0, 1]
 
 
 def _tracked_files() -> list[str]:
-    out = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True,
+                         check=True).stdout
     return [line for line in out.splitlines() if (REPO / line).is_file()]
 
 
 def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
-           if k not in ("DVC_ROOT", "MLFLOW_TRACKING_URI", "DVC_EXP_NAME", "CMKD_PIPELINE_KEY", "PYTHONPATH")}
+           if k not in ("DVC_ROOT", "MLFLOW_TRACKING_URI", "DVC_EXP_NAME", "CMKD_PIPELINE_KEY", "PYTHONPATH",
+                        "DVC_STAGE")}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # `python`, `dvc` of this venv
     env.update(DVC_NO_ANALYTICS="1", MLFLOW_DISABLE_TELEMETRY="true", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t",
                GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
@@ -50,23 +55,19 @@ def _run(args: list[str], cwd: Path, check: bool = True) -> subprocess.Completed
 def clone(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("clone")
     for name in _tracked_files():
+        if name.startswith(("results/", "reports/")) or name == "dvc.lock":
+            continue  # a clone regenerates them
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / name, root / name)
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    params["seeds"] = SEEDS
+    params = shrunk_raw(seeds=SEEDS, epochs=2, batch_size=16)
     params["av_digits"]["samples_per_class"] = 8
-    params["training"]["av_digits"].update(epochs=2, batch_size=16)
-    params["teacher_training"]["av_digits"].update(epochs=2, batch_size=16)
-    params["mst"]["stage1_epochs"]["av_digits"] = 2
-    params["mst"]["stage2_epochs"]["av_digits"] = 1
-    params["fitnets"]["hint_epochs"]["av_digits"] = 1
-    params["mgdfr"]["co_epochs"]["av_digits"] = 1
-    params["mgdfr"]["repeat_permute"]["av_digits"] = 1
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _run(["git", "init", "-q"], root)
     _run(["git", "add", "-A"], root)
     _run(["git", "commit", "-qm", "tiny profile"], root)
     _run(["dvc", "repro"], root)
+    _run(["git", "add", "-A"], root)
+    _run(["git", "commit", "-qm", "results of the tiny profile"], root)
     return root
 
 
@@ -75,23 +76,30 @@ def _mlflow_runs(root: Path) -> list:
 
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("av_digits")
-    return client, client.search_runs([experiment.experiment_id], max_results=500)
+    return client, client.search_runs([experiment.experiment_id], max_results=1000)
 
 
 def test_table1_has_every_row_for_both_targets(clone):
     rows = list(csv.DictReader((clone / "reports" / "table1.csv").open()))
-    assert [r["method"] for r in rows] == [row.label for row in TABLE1_ROWS]  # every row, every cell filled
+    assert [r["method"] for r in rows] == [row.label for row in table1_rows()]  # every row, every cell filled
     for row in rows:
         for target in ("image", "audio"):
             assert 0.0 <= float(row[f"av_digits/{target}/mean"]) <= 100.0
             assert int(row[f"av_digits/{target}/n"]) == len(SEEDS)
     markdown = (clone / "reports" / "table1.md").read_text()
     assert "| Method | AV-Digits Image | AV-Digits Audio |" in markdown and "**" in markdown
+
+
+def test_dvc_metrics_are_the_table_cells_and_fit_on_a_screen(clone):
     metrics = json.loads(_run(["dvc", "metrics", "show", "--json"], clone).stdout)
-    assert "reports/metrics.json" in json.dumps(metrics)
+    values = metrics[""]["data"]["reports/metrics.json"]["data"]
+    assert set(values) == {"table1", "table3"}
+    assert len(values["table1"]["av_digits"]["image"]) == len(table1_rows())
+    shown = _run(["dvc", "metrics", "show", "--md"], clone).stdout
+    assert max(len(line) for line in shown.splitlines()) < 2000  # was one 6,500-character line
 
 
-def test_table3_and_routing_figures(clone):
+def test_table3_topk_sweep_and_routing_figures(clone):
     rows = list(csv.DictReader((clone / "reports" / "table3.csv").open()))
     assert [r["setting"] for r in rows] == ["baseline", "a", "b", "c", "d", "e", "f", "full"]
     assert [(r["S1"], r["S2"], r["S3"]) for r in rows][0] == ("0", "0", "0")
@@ -103,48 +111,72 @@ def test_table3_and_routing_figures(clone):
     full = rows[-1]
     table1 = {r["row_key"]: r for r in csv.DictReader((clone / "reports" / "table1.csv").open())}
     assert full["av_digits/image/mean"] == table1["mst"]["av_digits/image/mean"]
-    assert "| Setting | S1 | S2 | S3 |" in (clone / "reports" / "table3.md").read_text()
-    for modality in ("image", "audio"):
-        png = clone / "reports" / "figures" / f"routing_av_digits_{modality}.png"
-        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    sweep = list(csv.DictReader((clone / "reports" / "plots" / "topk_av_digits.csv").open()))
+    assert [r["k"] for r in sweep] == ["1", "2", "3", "4"]
+    # k = 1 is the default top-k: the sweep's runs reproduce the Table 1 row exactly
+    assert float(sweep[0]["image_mean"]) == float(table1["mst"]["av_digits/image/mean"])
+    for png in ("routing_av_digits_image.png", "routing_av_digits_audio.png", "topk_sweep_av_digits.png"):
+        assert (clone / "reports" / "figures" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_dvc_plots_render_offline(clone):
+    out = _run([sys.executable, "-m", "pipeline.reporting.offline_plots", "--out", "dvc_plots"], clone).stdout
+    assert "index.html" in out
+    page = (clone / "dvc_plots" / "index.html").read_text()
+    assert "cdn.jsdelivr" not in page and "vega-bundle.js" in page
+    assert "MST-Distill routing" in page and "learning_curves_av_digits_image" in page
+    assert (clone / "dvc_plots" / "vega-bundle.js").stat().st_size > 100_000
 
 
 def test_every_run_is_in_mlflow_with_params_metrics_tags_and_artifacts(clone):
     client, runs = _mlflow_runs(clone)
     children = [r for r in runs if r.data.tags.get("run.role") == "training"]
-    # per seed: 3 networks alone; each method once per teacher config and target; MST stage 1 once, stages 2
-    # and 3 per target; the 7 ablation settings per target plus one own stage-2 run per target
+    # per seed: 3 networks alone; each baseline once per teacher config and target; MST phase 1 once, phases 2 and
+    # 3 per target; the 7 ablation settings per target plus one own phase-2 run per target; the top-k sweep per k
+    # and target
     params = yaml.safe_load((clone / "params.yaml").read_text())
-    distill_runs = sum(2 * len(params[name]["teachers"]) for name, cls in METHODS.items() if cls.params_type)
-    assert len(children) == len(SEEDS) * (3 + distill_runs + 1 + 2 + 2 + 7 * 2 + 2)
+    distill_runs = sum(2 * len(params[name]["teachers"]) for name in params["methods"])
+    n_specialists = 2 * params["mst"]["mask_layer_num"]
+    assert len(children) == len(SEEDS) * (3 + distill_runs + 1 + 2 + 2 + 7 * 2 + 2 + 2 * n_specialists)
     names = {r.info.run_name for r in children}
-    assert {"teachers/ce/none/multimodal/seed0", "distill/kd/cm/audio/seed1"} <= names
+    assert {"teachers/ce/none/multimodal/seed0", "distill/kd/cm/audio/seed1", "mst_s1/mst/mm+cm/all/seed0",
+            "mst_ablation/mst-b/mm+cm/image/seed1"} <= names
     mst_s3 = [r for r in children if r.data.tags["run.stage"] == "mst_s3"]
     assert len(mst_s3) == 2 * len(SEEDS)
     for run in mst_s3:
-        assert {"route_0", "route_3", "lambda_kd", "lambda_lb", "train_lb", "train_kd"} <= set(run.data.metrics)
+        assert {"dynamic_distillation/route_0", "dynamic_distillation/route_3", "dynamic_distillation/lambda_kd",
+                "dynamic_distillation/train_lb", "test_accuracy"} <= set(run.data.metrics)
     for run in children:
         assert run.info.status == "FINISHED"
-        if run.data.tags["run.stage"] in ("mst_s1", "mst_s2") or "/stage2/" in run.info.run_name:
-            continue
-        assert {"seed", "method", "teacher", "target", "train.lr", "train.epochs"} <= set(run.data.params)
-        assert {"git.commit", "dvc.stage", "torch.version", "device", "mlflow.parentRunId"} <= set(run.data.tags)
-        assert (run.data.tags["dvc.stage"] in ("teachers@av_digits", "mst_s3@av_digits", "mst_ablation@av_digits")
-                or run.data.tags["dvc.stage"] == f"distill@av_digits-{run.data.params['method']}")
-        assert "test_accuracy" in run.data.metrics
-        history = client.get_metric_history(run.info.run_id, "val_loss")
-        assert [m.step for m in history] == [0, 1]
+        tags, phase = run.data.tags, run.data.tags["run.phase"]
+        assert {"seed", "method", "teacher", "target", "phase", "train.lr", "train.epochs"} <= set(run.data.params)
+        assert {"git.commit", "dvc.stage", "torch.version", "device", "mlflow.parentRunId"} <= set(tags)
+        stage = f"{tags['run.stage']}@av_digits"
+        assert tags["dvc.stage"] == (f"distill@av_digits-{run.data.params['method']}"
+                                     if tags["run.stage"] == "distill" else stage)
+        key = {"collaborative_init": "val_mm_loss", "specialist_adaptation": "val_score"}.get(phase, "val_loss")
+        history = client.get_metric_history(run.info.run_id, f"{phase}/{key}")
+        assert history and [m.step for m in history] == list(range(len(history)))  # one value per epoch
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-        assert {"confusion_matrix.png", "history.csv"} <= artifacts
-        if run.data.tags["run.stage"] == "mst_s3":
+        assert "history.csv" in artifacts
+        if phase != "specialist_adaptation":
+            assert any(a.startswith("confusion_matrix") for a in artifacts)
+        if tags["run.stage"] == "mst_s3":
             assert "routing.png" in artifacts
+        if tags["run.method"] == "fitnets":
+            assert "history_hint.csv" in artifacts and "hint/val_hint" in run.data.metrics
     kd_runs = [r for r in children if r.data.params["method"] == "kd"]
-    assert all(r.data.params["kd.temperature"] == "4.0" for r in kd_runs)
+    assert all(r.data.params["kd.temperature"] == "4.0" and r.data.params["kd.alpha.initial"] == "0.5"
+               for r in kd_runs)
+    mst_s1 = next(r for r in children if r.data.tags["run.stage"] == "mst_s1")
+    assert "mst.lb_mode" not in mst_s1.data.params  # a stage logs the params it depends on, nothing else
 
 
-def test_second_repro_runs_nothing(clone):
+def test_second_repro_runs_nothing_and_status_is_clean(clone):
     out = _run(["dvc", "repro"], clone).stdout
     assert "Running stage" not in out, out
+    status = _run(["dvc", "status"], clone).stdout
+    assert "up to date" in status.lower() or not status.strip(), status
 
 
 def test_bad_data_stops_the_stage_with_the_file_named(clone):
@@ -162,6 +194,27 @@ def test_bad_data_stops_the_stage_with_the_file_named(clone):
     _, after = _mlflow_runs(clone)
     assert len(after) == len(before)
     _run(["dvc", "repro"], clone)  # the failed stage removed its outputs: restore them for the next tests
+
+
+def test_corrupt_teacher_checkpoint_fails_before_any_run(clone):
+    """A stage validates every checkpoint it will load before training anything, with one line and no
+    advice to unpickle."""
+    checkpoint = clone / "models" / "av_digits" / "teachers" / "seed1" / "m2.pt"
+    backup = checkpoint.read_bytes()
+    _, before = _mlflow_runs(clone)
+    try:
+        checkpoint.write_bytes(backup[: len(backup) // 2])
+        result = _run(["dvc", "repro", "--single-item", "--force", "distill@av_digits-kd"], clone, check=False)
+        assert result.returncode != 0
+        assert "seed1/m2.pt" in result.stderr and "Traceback" not in result.stderr, result.stderr
+        assert "weights_only=False" not in result.stderr
+    finally:
+        checkpoint.write_bytes(backup)
+    _, after = _mlflow_runs(clone)
+    assert len([r for r in after if r.data.tags.get("run.role") == "training"]) == \
+        len([r for r in before if r.data.tags.get("run.role") == "training"])
+    _run(["dvc", "checkout", "--force"], clone)
+    _run(["dvc", "repro"], clone)
 
 
 def test_misspelled_param_fails_before_training(clone):
@@ -182,11 +235,19 @@ def test_misspelled_param_fails_before_training(clone):
 def test_topk_override_reruns_only_stage_3(clone):
     out = _run(["dvc", "exp", "run", "-S", "topk=2", "-n", "top2"], clone).stdout
     ran = re.findall(r"Running stage '([^']+)'", out)
-    # the ablation's settings with stage 3 route top-k too; stages 1 and 2 and the baselines come from the cache
+    # the ablation's settings with phase 3 route top-k too; phases 1 and 2, the sweep and the baselines are reused
     assert sorted(ran) == ["mst_ablation@av_digits", "mst_s3@av_digits", "report"], out
     shown = _run(["dvc", "exp", "show", "--json"], clone).stdout
     assert "top2" in shown
     _, runs = _mlflow_runs(clone)
     top2 = [r for r in runs if r.data.tags.get("dvc.exp_name") == "top2" and r.data.tags.get("run.role") == "training"]
-    assert all(r.data.params["topk"] == "2" for r in top2)
+    assert all(r.data.params["mst.topk"] == "2" for r in top2 if r.data.params["phase"] == "dynamic_distillation")
+    assert all("mst.topk" not in r.data.params for r in top2 if r.data.params["phase"] == "specialist_adaptation")
     assert len([r for r in top2 if r.data.tags["run.stage"] == "mst_s3"]) == 2 * len(SEEDS)
+
+
+def test_registry_and_stages_agree():
+    """Every baseline of the registry is in the distill matrix and every Table 1 row is a registered method."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert sorted(params["methods"]) == sorted(c.name for c in all_methods() if c.name not in ("ce", "mst"))
+    assert all(method_class(row.method) for row in table1_rows())

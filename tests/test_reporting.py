@@ -1,28 +1,44 @@
-"""Table 1 aggregation and layout from hand-made run records."""
+"""Tables, figures, metrics and plot data from hand-made run records (the results schema of RunRecord)."""
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 
 import pytest
 
-from pipeline.reporting.tables import (TABLE1_ROWS, ResultsError, read_runs, table1, table1_csv, table1_markdown,
-                                      table3, table3_markdown, write_reports)
+from pipeline.orchestration.runs import RunRecord
+from pipeline.reporting.tables import (ResultsError, read_runs, table1, table1_csv, table1_markdown, table1_rows,
+                                       table3, table3_markdown, topk_summary, write_reports)
+
+NAMES = {"m1": "image", "m2": "audio", "mm": "multimodal"}
 
 
-def _run(method, teacher, target, seed, acc, stage="distill"):
-    return {"dataset": "av_digits", "stage": stage, "method": method, "teacher": teacher, "target": target,
-            "seed": seed, "test_accuracy": acc}
+def _run(method, teacher, target, seed, acc, stage="distill", setting="default", **extras):
+    record = RunRecord(dataset="av_digits", stage=stage, method=method, phase="main", setting=setting, teacher=teacher,
+                       target=NAMES[target], seed=seed, epochs=2, best_epoch=1, test_accuracy=acc,
+                       test_accuracy_last=acc, best_val_loss=1.0, best_val_accuracy=acc, extras=extras,
+                       curve=[{"epoch": 0, "train_loss": 2.0, "val_loss": 1.5, "val_accuracy": acc / 2},
+                              {"epoch": 1, "train_loss": 1.0, "val_loss": 1.0, "val_accuracy": acc}])
+    return dataclasses.asdict(record)
 
 
-RUNS = ([_run("ce", "none", t, s, a, stage) for t, accs in (("m1", (0.60, 0.62)), ("m2", (0.40, 0.44)))
-         for s, a in enumerate(accs) for stage in ("teachers", "wo_kd")]
-        + [_run("ce", "none", "mm", s, a, "teachers") for s, a in enumerate((0.70, 0.72))]
+RUNS = ([_run("ce", "none", t, s, a, "teachers", setting) for t, accs in (("m1", (0.60, 0.62)), ("m2", (0.40, 0.44)))
+         for s, a in enumerate(accs) for setting in ("teacher", "wo_kd")]
+        + [_run("ce", "none", "mm", s, a, "teachers", "teacher") for s, a in enumerate((0.70, 0.72))]
         + [_run("kd", "mm", "m1", s, a) for s, a in enumerate((0.64, 0.66))]
         + [_run("kd", "cm", "m1", s, a) for s, a in enumerate((0.50, 0.52))]
         + [_run("kd", "mm", "m2", s, a) for s, a in enumerate((0.42, 0.42))])
+
+
+def test_rows_come_from_the_registry_in_the_papers_order():
+    rows = table1_rows()
+    assert rows[0].label == "w/o KD" and rows[-1].label == "MST-Distill (MM+CM)"
+    assert [r.key for r in rows[1:5]] == ["kd_mm", "kd_cm", "mlld_mm", "mlld_cm"]
+    assert [r.label for r in rows if r.method in ("dml", "mgdfr", "c2kd")] == ["DML (MM+CM)", "MGDFR (CM)", "C²KD (CM)"]
+    assert len(rows) == 17
 
 
 def test_cells_are_mean_and_sample_std_in_percent():
@@ -43,19 +59,23 @@ def test_markdown_marks_best_and_second_best_per_column():
 
 def test_csv_has_one_row_per_method_and_numeric_cells():
     rows = list(csv.DictReader(io.StringIO(table1_csv(table1(RUNS, ["av_digits"]), ["av_digits"]))))
-    assert [r["method"] for r in rows] == [row.label for row in TABLE1_ROWS]
-    assert rows[0]["method"] == "w/o KD" and rows[-1]["method"] == "MST-Distill (MM+CM)"
+    assert [r["method"] for r in rows] == [row.label for row in table1_rows()]
     assert float(rows[1]["av_digits/image/mean"]) == 65.0 and rows[2]["av_digits/audio/mean"] == ""
 
 
-def test_write_reports_and_errors(tmp_path):
+def test_write_reports_metrics_plots_and_errors(tmp_path):
     results = tmp_path / "results" / "av_digits"
     results.mkdir(parents=True)
     (results / "all.json").write_text(json.dumps({"runs": RUNS}))
     metrics = write_reports(tmp_path / "results", tmp_path / "reports", ["av_digits"])
-    assert metrics["teachers"]["av_digits"]["multimodal"]["mean"] == 71.0
+    # the metrics are the table cells' seed means only: no std, no n, nothing per seed
+    assert metrics["table1"]["av_digits"]["image"] == {"wo_kd": 61.0, "kd_mm": 65.0, "kd_cm": 51.0}
     assert json.loads((tmp_path / "reports" / "metrics.json").read_text()) == metrics
     assert (tmp_path / "reports" / "table1.md").read_text().startswith("| Method |")
+    assert "multimodal | 71.00 ± 1.41" in (tmp_path / "reports" / "teachers.md").read_text()
+    curves = list(csv.DictReader((tmp_path / "reports" / "plots" / "learning_curves_av_digits_image.csv").open()))
+    assert [r["epoch"] for r in curves] == ["1", "2"]
+    assert float(curves[0]["kd_mm"]) == pytest.approx(32.5) and float(curves[1]["wo_kd"]) == pytest.approx(61.0)
     (results / "broken.json").write_text("{not json")
     with pytest.raises(ResultsError, match="broken.json"):
         read_runs(tmp_path / "results", ["av_digits"])
@@ -63,15 +83,14 @@ def test_write_reports_and_errors(tmp_path):
         read_runs(tmp_path / "results", ["av_mnist"])
 
 
-def _ablation(setting, target, seed, acc):
-    return {**_run(f"mst_{setting}", "mm+cm", target, seed, acc, "mst_ablation"), "setting": setting}
+def _mst(setting, target, seed, acc, stage="mst_ablation", **extras):
+    return _run("mst", "mm+cm", target, seed, acc, stage, setting, **extras)
 
 
 def test_table3_means_over_targets_and_seeds_and_marks_the_best():
-    runs = ([_ablation("baseline", t, s, a) for t, s, a in (("m1", 0, .50), ("m2", 0, .30), ("m1", 1, .54),
-                                                             ("m2", 1, .34))]
-            + [_run("mst", "mm+cm", t, s, a, "mst_s3") for t, s, a in (("m1", 0, .60), ("m2", 0, .40),
-                                                                         ("m1", 1, .64), ("m2", 1, .44))])
+    runs = ([_mst("baseline", t, s, a) for t, s, a in (("m1", 0, .50), ("m2", 0, .30), ("m1", 1, .54), ("m2", 1, .34))]
+            + [_mst("full", t, s, a, "mst_s3") for t, s, a in (("m1", 0, .60), ("m2", 0, .40), ("m1", 1, .64),
+                                                               ("m2", 1, .44))])
     summary = table3(runs, ["av_digits"])
     # per seed: (50 + 30) / 2 = 40 and (54 + 34) / 2 = 44 -> mean 42, sample std 2.83
     assert summary["av_digits"]["baseline"]["mean"] == {"mean": 42.0, "std": pytest.approx(2.8284, abs=1e-4), "n": 2}
@@ -84,5 +103,26 @@ def test_table3_means_over_targets_and_seeds_and_marks_the_best():
 
 
 def test_wo_kd_row_reads_only_the_wo_kd_runs():
-    runs = [_run("ce", "none", "m1", 0, 0.90, "teachers"), _run("ce", "none", "m1", 0, 0.60, "wo_kd")]
+    runs = [_run("ce", "none", "m1", 0, 0.90, "teachers", "teacher"), _run("ce", "none", "m1", 0, 0.60, "teachers",
+                                                                           "wo_kd")]
     assert table1(runs, ["av_digits"])["av_digits"]["image"]["wo_kd"]["mean"] == 60.0
+
+
+def test_topk_sweep_and_routing_outputs(tmp_path):
+    routing = [[0.5, 0.5, 0.0, 0.0], [0.25, 0.25, 0.25, 0.25]]
+    runs = ([_mst("full", t, s, a, "mst_topk_sweep", topk=k) for k, accs in ((1, (0.5, 0.7)), (2, (0.6, 0.6)))
+             for t in ("m1", "m2") for s, a in enumerate(accs)]
+            + [_mst("full", t, s, 0.6, "mst_s3", topk=1, routing=routing,
+                    specialists=["mm:concat_identity", "mm:fc1", "cm:a", "cm:b"]) for t in ("m1", "m2") for s in (0, 1)])
+    sweep = topk_summary(runs, "av_digits")
+    assert sweep["image"][1]["mean"] == 60.0 and sweep["audio"][2] == {"mean": 60.0, "std": 0.0, "n": 2}
+    results = tmp_path / "results" / "av_digits"
+    results.mkdir(parents=True)
+    (results / "mst.json").write_text(json.dumps({"runs": runs}))
+    write_reports(tmp_path / "results", tmp_path / "reports", ["av_digits"])
+    reports = tmp_path / "reports"
+    assert "| 2 | 60.00 ± 0.00 | 60.00 ± 0.00 |" in (reports / "topk_sweep.md").read_text()
+    shares = list(csv.DictReader((reports / "plots" / "routing_av_digits_audio.csv").open()))
+    assert shares[1]["mm:fc1"] == "0.25" and list(shares[0]) == ["epoch", "mm:concat_identity", "mm:fc1", "cm:a", "cm:b"]
+    for png in ("routing_av_digits_image.png", "topk_sweep_av_digits.png"):
+        assert (reports / "figures" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,5 +1,6 @@
-"""RKD: distance and angle terms against explicit loops, the method built for every pair, frozen teacher,
-cached teacher embeddings, taps and params."""
+"""RKD: distance and angle terms against explicit loops, the method built for every architecture pair,
+its trainable and frozen parts, cached teacher embeddings, taps and params (frozen parts unchanged and
+cache == recompute for every pair: tests/test_method_contract.py)."""
 
 from __future__ import annotations
 
@@ -11,67 +12,33 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
 
-from pipeline.methods.common.base import MethodSetup, TrainContext, check_teacher_config
+from pipeline.methods.common.alpha import AlphaParams
+from pipeline.methods.common.base import check_teacher_config
+from pipeline.methods.common.tapped_features import FeatureTap, PairTaps
 from pipeline.methods.rkd import (
     RelationalKD,
     RKDParams,
     rkd_angle_loss,
     rkd_distance_loss,
 )
-from pipeline.models.registry import build_network
-from pipeline.params import _parse
-from tests.conftest import synthetic_dataset, synthetic_split
+from pipeline.params import ParamsError, parse
+from pipeline.training.engine import train
+from tests.conftest import method_block, method_setup, raw_params, run_context, synthetic_dataset, synthetic_split
 
-BLOCK = """
-# RKD, relational KD (baselines-spec.md §2.6, quirk Q3).
-rkd:
-  teachers:                      # Table 1 rows: RKD (MM) and RKD (CM)
-  - mm
-  - cm
-  alpha: 0.5                     # (1-alpha)*CE + alpha*(distance_weight*L_dist + angle_weight*L_angle)
-  alpha_schedule: authors_step   # authors_step: alpha halved every alpha_decay_every epochs; constant: fixed
-  alpha_decay_every: 30
-  alpha_decay_factor: 0.5
-  loss_form: authors             # authors: (1-alpha)*CE + alpha*L_RKD; original (RepDistiller): CE + L_RKD
-  distance_weight: 1.0           # authors 1; original (RepDistiller classification) 25
-  angle_weight: 2.0              # authors 2; original 50
-  embedding: authors             # authors: student Linear(d->feat_dim)+L2 (learned), teacher the same but fixed
-                                 # random (Q3); none: raw tapped features (RepDistiller; small features only)
-  feat_dim: 128
-  taps:                          # per pair: teacher and student module; pool k >= 2: k x k max-pool, then flatten
-    av_digits:
-      mm_to_m1:                  # CNN-I fc1 (298) -> LeNet5 fc1 (84)
-        teacher: {module: fc1, pool: 0}
-        student: {module: fc1, pool: 0}
-      mm_to_m2:                  # CNN-I fc1 -> ThreeLayerCNN-A conv3 (pre-ReLU), 2x2 max-pool: 128x2x2 = 512
-        teacher: {module: fc1, pool: 0}
-        student: {module: conv3, pool: 2}
-      m2_to_m1:                  # ThreeLayerCNN-A conv3 pooled -> LeNet5 fc1
-        teacher: {module: conv3, pool: 2}
-        student: {module: fc1, pool: 0}
-      m1_to_m2:                  # LeNet5 fc1 -> ThreeLayerCNN-A conv3 pooled
-        teacher: {module: fc1, pool: 0}
-        student: {module: conv3, pool: 2}
-    av_mnist:                    # same modules; conv3 pooled is 128x14x14 = 25088 at 112x112
-      mm_to_m1:
-        teacher: {module: fc1, pool: 0}
-        student: {module: fc1, pool: 0}
-      mm_to_m2:
-        teacher: {module: fc1, pool: 0}
-        student: {module: conv3, pool: 2}
-      m2_to_m1:
-        teacher: {module: conv3, pool: 2}
-        student: {module: fc1, pool: 0}
-      m1_to_m2:
-        teacher: {module: fc1, pool: 0}
-        student: {module: conv3, pool: 2}
-"""
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one intra-op thread avoids thread contention on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _params(**changes) -> RKDParams:
-    return dataclasses.replace(_parse(RKDParams, yaml.safe_load(BLOCK)["rkd"], "rkd", "test"), **changes)
+    """The real params.yaml block of RKD (shrunk), with `changes`."""
+    return method_block("rkd", **changes)
 
 
 def _smooth_l1(a: float, b: float) -> float:
@@ -132,29 +99,14 @@ def test_relational_terms_vanish_for_similar_structures_and_detach_teacher():
     assert rkd_distance_loss(one, one.detach()).item() == 0.0  # a batch of one has no pairs
 
 
-def _nets(config: str, target: str):
-    shapes = {"m1": (1, 28, 28), "m2": (1, 16, 16)}
-    arch = {"m1": "lenet5", "m2": "three_layer_cnn_a"}
-    other = "m2" if target == "m1" else "m1"
-    torch.manual_seed(0)
-    teacher = (build_network("cnn_i", ["m1", "m2"], 10, [shapes["m1"], shapes["m2"]]) if config == "mm"
-               else build_network(arch[other], [other], 10, [shapes[other]]))
-    student = build_network(arch[target], [target], 10, [shapes[target]])
-    return student, teacher
-
-
-def _method(config="mm", target="m2", params=None, cache=True, dataset="av_digits"):
+def _method(config="mm", target="m2", params=None, cache=True):
     data = synthetic_dataset()
-    student, teacher = _nets(config, target)
-    setup = MethodSetup(student=student, teacher=teacher, teacher_config=config, target=target, dataset=dataset,
-                        num_classes=10, sample=data.batch(torch.arange(4)), build_network=None,
-                        method_params=params or _params(), cache_frozen_outputs=cache)
+    setup = method_setup("rkd", config, target, data, block=params or _params(), cache=cache)
     return RelationalKD.from_setup(setup), data
 
 
 def _context(data):
-    return TrainContext(data, synthetic_split(), batch_size=16, epochs=2, lr=1e-2, num_classes=10,
-                        generator=torch.Generator().manual_seed(0))
+    return run_context(data, synthetic_split(), epochs=2, batch_size=16, lr=1e-2)
 
 
 def _steps(method, data, n=2):
@@ -230,25 +182,34 @@ def test_cached_teacher_embeddings_give_the_same_loss_as_recomputed():
     results = []
     for cache in (True, False):
         method, data = _method("mm", "m2", cache=cache)
+        assert method.teacher_embeddings.enabled == cache
         torch.manual_seed(1)
         results.append({k: v.item() for k, v in _steps(method, data).items()})
     for key in results[0]:
         assert results[0][key] == pytest.approx(results[1][key], rel=1e-5, abs=1e-7), key
 
 
+def _with_module(pair: PairTaps, side: str, **changes) -> PairTaps:
+    return dataclasses.replace(pair, **{side: dataclasses.replace(getattr(pair, side), **changes)})
+
+
 def test_bad_taps_and_teacher_configs_are_rejected():
+    pair = _params().taps["cnn_i"]["lenet5"]
+    # a module the architecture does not have: a KeyError naming it when it reaches the method ...
     with pytest.raises(KeyError, match="no module named 'fc9'"):
-        _method("mm", "m1", _params(taps={"av_digits": {"mm_to_m1": dataclasses.replace(
-            _params().taps["av_digits"]["mm_to_m1"], teacher=dataclasses.replace(
-                _params().taps["av_digits"]["mm_to_m1"].teacher, module="fc9"))}}))
-    with pytest.raises(KeyError, match=r"rkd\.taps\.av_digits\.m2_to_m1 is missing"):
-        _method("cm", "m1", _params(taps={"av_digits": {"mm_to_m1": _params().taps["av_digits"]["mm_to_m1"]}}))
-    with pytest.raises(KeyError, match=r"rkd\.taps\.ravdess\.mm_to_m1 is missing"):
-        _method("mm", "m1", dataset="ravdess")
-    bad_pool = dataclasses.replace(_params().taps["av_digits"]["mm_to_m1"],
-                                   student=dataclasses.replace(_params().taps["av_digits"]["mm_to_m1"].student, pool=2))
-    with pytest.raises(ValueError, match=r"rkd\.taps\.av_digits\.mm_to_m1\.student\.pool"):
-        _method("mm", "m1", _params(taps={"av_digits": {"mm_to_m1": bad_pool}}))
+        _method("mm", "m1", _params(taps={"cnn_i": {"lenet5": _with_module(pair, "teacher", module="fc9")}}))
+    # ... and rejected when params.yaml is parsed, naming the key
+    raw = raw_params()["rkd"]
+    raw["taps"]["cnn_i"]["lenet5"]["teacher"]["module"] = "fc9"
+    with pytest.raises(ParamsError, match=r"rkd\.taps\.cnn_i\.lenet5: 'fc9' is not a module of cnn_i"):
+        parse(RKDParams, raw, "rkd", "test")
+    with pytest.raises(KeyError, match=r"rkd\.taps\.three_layer_cnn_a\.lenet5 is missing"):
+        _method("cm", "m1", _params(taps={"cnn_i": {"lenet5": pair}}))  # no row for the teacher architecture
+    with pytest.raises(KeyError, match=r"rkd\.taps\.cnn_i\.three_layer_cnn_a is missing"):
+        _method("mm", "m2", _params(taps={"cnn_i": {"lenet5": pair}}))  # no entry for the student architecture
+    bad_pool = _with_module(pair, "student", pool=2)  # LeNet5 fc1 is (B, 84): nothing to pool
+    with pytest.raises(ValueError, match=r"rkd\.taps\.cnn_i\.lenet5\.student\.pool"):
+        _method("mm", "m1", _params(taps={"cnn_i": {"lenet5": bad_pool}}))
     check_teacher_config(RelationalKD, "mm")
     check_teacher_config(RelationalKD, "cm")
     with pytest.raises(ValueError, match="does not support teacher config 'mm\\+cm'"):
@@ -259,21 +220,23 @@ def test_params_block_parses():
     params = _params()
     assert params.teachers == ["mm", "cm"]
     assert (params.distance_weight, params.angle_weight, params.feat_dim) == (1.0, 2.0, 128)
-    assert params.taps["av_mnist"]["mm_to_m2"].student.module == "conv3"
-    assert params.taps["av_mnist"]["mm_to_m2"].student.pool == 2
-    assert params.schedule()(60) == 0.125
-    with pytest.raises(ValueError, match="rkd.embedding"):
-        _parse(RKDParams, {**yaml.safe_load(BLOCK)["rkd"], "embedding": "paper"}, "rkd", "test")
+    assert (params.loss_form, params.embedding) == ("authors", "authors")
+    assert params.taps["cnn_i"]["three_layer_cnn_a"].student == FeatureTap("conv3", 2)
+    assert params.taps["cnn_i"]["three_layer_cnn_a"].teacher == FeatureTap("fc1", 0)
+    assert params.taps["three_layer_cnn_a"]["lenet5"] == PairTaps(FeatureTap("conv3", 2), FeatureTap("fc1", 0))
+    assert params.alpha == AlphaParams(0.5, "authors_step", 30, 0.5)
+    assert params.alpha(60) == 0.125
+    with pytest.raises(ParamsError, match=r"rkd\.embedding"):
+        parse(RKDParams, {**raw_params()["rkd"], "embedding": "paper"}, "rkd", "test")
 
 
 def test_trains_through_the_engine_reproducibly():
-    from pipeline.training.engine import EngineConfig, train
-
     histories = []
     for _ in range(2):
         method, data = _method("mm", "m1")
-        result = train(method, data, synthetic_split(), EngineConfig(epochs=2, batch_size=16, lr=1e-2), 10,
-                       torch.Generator().manual_seed(0))
-        histories.append(result.history)
+        result = train(method, run_context(data, synthetic_split(), epochs=2, batch_size=16, lr=1e-2))
+        assert [p.name for p in result.phases] == ["main"]
+        histories.append(result.final.history)
+    assert len(histories[0]) == 2
     assert histories[0] == histories[1]
     assert all(math.isfinite(h["train_rkd_angle"]) for h in histories[0])

@@ -172,5 +172,5 @@ def topk_sweep(params: Params, loaded: LoadedDataset, stage1_dir: Path, masks_di
     """Paper Fig. 6: phase 3 for every k = 1..N on the same stage-1 networks and stage-2 MaskNets."""
     n = _mst_params(params).n_specialists
     return mst_dynamic_distillation(params, loaded, stage1_dir, masks_dir, tracker, topks=list(range(1, n + 1)),
-                                    stage="topk_sweep")
+                                    stage="mst_topk_sweep")
 

@@ -227,7 +227,7 @@ def table3_csv(summary: dict, datasets: list[str]) -> str:
 def topk_summary(runs: list[dict], dataset: str) -> dict:
     """{modality: {k: {mean, std, n}}} of the top-k sweep's runs (paper Fig. 6)."""
     spec = dataset_spec(dataset)
-    sweep = [r for r in runs if r["dataset"] == dataset and r["stage"] == "topk_sweep"]
+    sweep = [r for r in runs if r["dataset"] == dataset and r["stage"] == "mst_topk_sweep"]
     ks = sorted({r["extras"]["topk"] for r in sweep})
     return {spec.modalities[t]: {k: summarise([r["test_accuracy"] for r in sweep if r["extras"]["topk"] == k
                                                and r["target"] == spec.modalities[t]]) for k in ks}

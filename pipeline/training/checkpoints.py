@@ -48,8 +48,11 @@ def load_checkpoint(path: Path, device: torch.device, expect_arch: str | None = 
     if expect_inputs is not None and tuple(payload["inputs"]) != tuple(expect_inputs):
         raise CheckpointError(f"{path}: network reads {payload['inputs']}, expected {list(expect_inputs)}")
     try:
-        network = build_network(payload["arch"], payload["inputs"], payload["num_classes"],
-                                [tuple(s) for s in payload["input_shapes"]])
+        # the initial weights are overwritten below: building must not draw from the run's random stream, or
+        # everything initialised after a load (MaskNets, a GateNet) would depend on how many checkpoints came first
+        with torch.random.fork_rng(devices=[]):
+            network = build_network(payload["arch"], payload["inputs"], payload["num_classes"],
+                                    [tuple(s) for s in payload["input_shapes"]])
     except (KeyError, ValueError, TypeError) as err:
         raise CheckpointError(f"{path}: describes a network that cannot be built: {err}") from err
     try:

@@ -69,7 +69,7 @@ class Phase:
     is better; None keeps the last epoch. `selected`: modules whose weights are snapshotted at the best
     epoch and restored at the end of the phase. `before()` / `after()`: once at the start / end (caches,
     a salience pass, dropping helper modules). `epoch_values(epoch)`: scalars to log (loss weights).
-    `step(loss, optimizer)`: replaces the plain zero_grad/backward/step (rarely needed)."""
+    `frozen`: modules kept in eval mode through the phase. `batch_size`: default the run's."""
 
     name: str
     epochs: int

@@ -74,6 +74,11 @@ class MSTDistill(DistillationMethod):
         self.dataset = ""
 
     @classmethod
+    def run_params(cls, method_params: Any) -> dict[str, Any]:
+        """The block, flattened for the tracker; `topk` only where it applies (phase 3)."""
+        return {k: v for k, v in super().run_params(method_params).items() if not (k == "mst.topk" and v is None)}
+
+    @classmethod
     def resolve_params(cls, block: MSTParams, params: Any) -> MSTParams:
         """The block in force under the top-level `fidelity` switch."""
         return block.resolved(params.fidelity)
@@ -137,6 +142,8 @@ class MSTDistill(DistillationMethod):
             method.freeze(group.masks)
         weights = LossWeights(p.lambda_kd, p.lambda_lb, p.decay_after_epoch0)
         if setting.s3:
+            if p.topk is None:
+                raise ValueError("MST-Distill phase 3 needs the top-level topk: pass the block through with_topk()")
             method.objective = DynamicDistillation(specialists, setup.num_classes, topk=min(p.topk, len(specialists)),
                                                    temperature=p.temperature, lb_mode=p.lb_mode,
                                                    lb_divide_by_n=p.lb_divide_by_n, weights=weights,

@@ -42,7 +42,7 @@ class MSTParams:
     stacked_hooks: bool
     lb_divide_by_n: bool
     decay_after_epoch0: bool
-    topk: int = field(default=1, metadata={"parsed_separately": True})
+    topk: int | None = field(default=None, metadata={"parsed_separately": True})  # phase 3 only
     fidelity: str = field(default="paper", metadata={"parsed_separately": True})
 
     @property
