@@ -7,8 +7,9 @@ Each method runs in its own forked process (CPU) so its peak memory can be read 
 the growth of the process's peak resident memory (CPU; VmHWM after a reset) or of CUDA's peak
 allocation over the state with the dataset already loaded. Times are per training epoch (gradient
 steps only; validation excluded), mean over `--epochs` after one warm-up epoch; one-off work done in
-`prepare` (teacher caches, FitNets' hint stage, MGDFR's co-training and salience) is reported apart.
-`mst` is MST-Distill's stage 3 with its N = 4 specialised teachers (MaskNets at the params' hidden
+earlier phases and the main phase's `before` (teacher caches, FitNets' hint phase, MGDFR's co-training
+and salience) is reported apart.
+`mst` is MST-Distill's phase 3 with its N = 4 specialised teachers (MaskNets at the params' hidden
 factor) cached; `mst_uncached` re-runs every specialised teacher every batch, as the authors' code does.
 Networks are randomly initialised: cost does not depend on the weights.
 """
@@ -24,13 +25,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.benchmark import LoadedDataset, build_role_network
 from pipeline.data.catalog import dataset_spec
 from pipeline.data.tensors import DeviceDataset
-from pipeline.methods import METHODS
-from pipeline.methods.common.base import MethodSetup, TrainContext
-from pipeline.params import Params, load_params
-from pipeline.training.engine import optimise_epoch
+from pipeline.methods import all_methods, method_class
+from pipeline.methods.mst.method import MSTDistill
+from pipeline.methods.mst.specialist_adaptation import SpecialistMasks
+from pipeline.orchestration.config import Params, load_params
+from pipeline.orchestration.runs import LoadedDataset, make_setup
+from pipeline.training.engine import optimise_epoch, run_phase
+from pipeline.training.phases import RunContext
 from pipeline.training.runtime import resolve_device
 
 PAIRS = [("m1", "mm"), ("m1", "cm"), ("m2", "mm"), ("m2", "cm"), ("m1", "mm+cm"), ("m2", "mm+cm")]
@@ -50,34 +53,21 @@ def _split(n: int, device: torch.device) -> dict[str, torch.Tensor]:
 
 
 def build_method(name: str, params: Params, loaded: LoadedDataset, target: str, config: str):
-    """The method for one (target, teacher config), with randomly initialised networks."""
+    """The method for one (target, teacher config), with randomly initialised networks (public API only)."""
     spec = loaded.spec
-    split = loaded.splits[0]
     if name in ("mst", "mst_uncached"):
-        from pipeline import mst_pipeline
-        from pipeline.methods.mst.specialist_adaptation import build_group
-
-        mst = params.mst_effective()
-        sample = loaded.data.batch(split["train"][:2])
-        groups = []
-        for group, role in (("mm", "mm"), ("cm", spec.other(target))):
-            groups.append(build_group(group, build_role_network(loaded, role).to(loaded.data.device),
-                                      mst.hooks[spec.key][role][:mst.mask_layer_num], sample,
-                                      mst.hidden_factor[spec.key], mst.heads))
-        for g in groups:
-            g.masks.eval()
-        ways = mst_pipeline._ways(groups, mst.stacked_hooks)
-        engine = dataclasses.replace(params.engine, cache_frozen_outputs=name == "mst")
-        return mst_pipeline._dynamic(dataclasses.replace(params, engine=engine), build_role_network(loaded, target),
-                                     ways, spec.num_classes)
-    cls = METHODS[name]
+        mst = params.method("mst").with_topk(params.topk)
+        networks = {role: loaded.role_network(role) for role in ("mm", "m1", "m2")}
+        groups = MSTDistill.teacher_groups(mst, networks, target, loaded.data.batch(loaded.splits[0]["train"][:2]),
+                                           spec.key)
+        setup = make_setup(loaded, params, 0, method="mst", target=target, teacher_config="mm+cm", student=None,
+                           phase="dynamic_distillation", setting="full", method_params=mst,
+                           restored={"networks": networks, "masks": SpecialistMasks(groups)})
+        return MSTDistill.from_setup(dataclasses.replace(setup, cache_frozen_outputs=name == "mst"))
     role = {"mm": "mm", "cm": spec.other(target)}.get(config)
-    teacher = build_role_network(loaded, role) if role else None
-    return cls.from_setup(MethodSetup(
-        student=build_role_network(loaded, target), teacher=teacher, teacher_config=config, target=target,
-        dataset=spec.key, num_classes=spec.num_classes, sample=loaded.data.batch(split["train"][:4]),
-        build_network=lambda r: build_role_network(loaded, r).to(loaded.data.device),
-        method_params=params.method(name), cache_frozen_outputs=params.engine.cache_frozen_outputs))
+    setup = make_setup(loaded, params, 0, method=name, target=target, teacher_config=config,
+                       student=loaded.role_network(target), teacher=loaded.role_network(role) if role else None)
+    return method_class(name).from_setup(setup)
 
 
 def _rss_kib(field: str) -> int:
@@ -100,21 +90,26 @@ def measure(name: str, params: Params, loaded: LoadedDataset, target: str, confi
         base = _rss_kib("VmRSS") * 1024
     torch.manual_seed(0)
     method = build_method(name, params, loaded, target, config).to(device)
-    generator = torch.Generator().manual_seed(0)
-    context = TrainContext(loaded.data, loaded.splits[0], cfg.batch_size, cfg.epochs, cfg.lr,
-                           loaded.spec.num_classes, generator)
+    context = RunContext(loaded.data, loaded.splits[0], cfg.batch_size, cfg.epochs, cfg.lr, loaded.spec.num_classes,
+                         torch.Generator().manual_seed(0), eval_batch_size=cfg.batch_size)
+    phases = method.phases(context)
+    main = phases[-1]
     start = time.perf_counter()
-    method.prepare(context)
+    for phase in phases[:-1]:  # one-off: FitNets' hint phase, MGDFR's co-training
+        run_phase(phase, context)
+    if main.before is not None:  # caches, MGDFR's salience
+        main.before()
     prepare_s = time.perf_counter() - start
-    optimizer = method.configure_optimizer(cfg.lr)
+    optimizer = main.optimizer()
     times = []
     for epoch in range(epochs + 1):
-        method.train()
+        for module in main.train_modules:
+            module.train()
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        optimise_epoch(lambda batch: method.loss_terms(batch, epoch),
-                       loaded.data.batches(loaded.splits[0]["train"], cfg.batch_size, generator), optimizer, epoch)
+        optimise_epoch(lambda batch: main.loss_terms(batch, epoch), context.batches("train", shuffle=True),
+                       optimizer, epoch)
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
@@ -140,17 +135,17 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--params", default="params.yaml")
     args = p.parse_args()
-    params = load_params(args.params)
+    params = load_params(args.params, restrict=False)
     device = resolve_device(args.device)
     torch.set_num_threads(params.threads_per_run)
     size = params.av_digits.spectrogram_size
     data = synthetic_av_digits(args.samples, size, device)
     loaded = LoadedDataset(dataset_spec("av_digits"), data, {0: _split(args.samples, device)})
-    names = args.methods or ["ce", *sorted(n for n in METHODS if n != "ce"), "mst", "mst_uncached"]
+    names = args.methods or [*(c.name for c in all_methods() if c.name != "mst"), "mst", "mst_uncached"]
     jobs = []
     for name in names:
         configs = (("mm+cm",) if name.startswith("mst") else ("none",) if name == "ce"
-                   else tuple(getattr(params.method(name), "teachers", METHODS[name].teacher_configs)))
+                   else tuple(getattr(params.method(name), "teachers", method_class(name).teacher_configs)))
         jobs += [(name, params, loaded, target, config, args.epochs) for target in ("m1", "m2") for config in configs]
     print(f"device {device}, torch threads {params.threads_per_run}, {args.samples} samples "
           f"({len(loaded.splits[0]['train'])} train), spectrogram {size}×{size}, batch "

@@ -22,9 +22,10 @@ def main() -> None:
     p.add_argument("--results", required=True, type=Path, help="JSON file receiving one record per run")
     args = p.parse_args()
     params = load_params(args.params)
+    device = open_device(params)
     method_class(args.method)  # fail on an unknown method before loading anything
     check_writable(args.results)
-    loaded = load_dataset(params, args.dataset, args.prepared, open_device(params))
+    loaded = load_dataset(params, args.dataset, args.prepared, device)
     with open_tracker(params.tracking.mlflow, args.dataset, Path(args.params), args.method) as tracker:
         records = distill(params, args.method, loaded, args.teachers, tracker)
     write_records(args.results, records)

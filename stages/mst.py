@@ -33,8 +33,9 @@ def main() -> None:
         if getattr(args, folder) is None:
             p.error(f"--{folder} is required for {args.step}")
     params = load_params(args.params)
+    device = open_device(params)
     check_writable(args.results, *[getattr(args, f) for f, mode in FOLDERS[args.step].items() if mode == "w"])
-    loaded = load_dataset(params, args.dataset, args.prepared, open_device(params))
+    loaded = load_dataset(params, args.dataset, args.prepared, device)
     name = {"collaborative_init": "mst_s1", "specialist_adaptation": "mst_s2",
             "dynamic_distillation": "mst_s3"}.get(args.step, f"mst_{args.step}")
     with open_tracker(params.tracking.mlflow, args.dataset, Path(args.params), name) as tracker:

@@ -19,8 +19,9 @@ def main() -> None:
     p.add_argument("--results", required=True, type=Path, help="JSON file receiving one record per run")
     args = p.parse_args()
     params = load_params(args.params)
+    device = open_device(params)
     check_writable(args.results, args.models)
-    loaded = load_dataset(params, args.dataset, args.prepared, open_device(params))
+    loaded = load_dataset(params, args.dataset, args.prepared, device)
     with open_tracker(params.tracking.mlflow, args.dataset, Path(args.params), "teachers") as tracker:
         records = train_teachers(params, loaded, args.models, tracker)
     write_records(args.results, records)

@@ -20,14 +20,6 @@ from pipeline.training.engine import train
 from tests.conftest import method_block, method_setup, raw_params, run_context, synthetic_dataset, synthetic_split
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny batches: one thread is as fast, and far faster when other processes load the CPUs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _params(**changes) -> C2KDParams:
     """The real c2kd block of params.yaml, with `changes`."""

@@ -16,14 +16,6 @@ from pipeline.params import ParamsError, parse
 from tests.conftest import method_block, method_setup, raw_params, run_context, synthetic_dataset, synthetic_split
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny batches: one thread is as fast, and far faster when other processes load the CPUs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _params(**changes) -> DMLParams:
     """The real dml block of params.yaml, with `changes`."""
@@ -105,7 +97,7 @@ def test_loss_matches_explicit_formula(peer_loss, kl_weight):
 
 
 def test_mst_collaborative_init_equals_mst_stage1_alignment():
-    """The summed peer terms of `mst_collaborative_init` are MST stage 1's symmetric, undetached T = 4 alignment."""
+    """The summed peer terms of `mst_collaborative_init` are MST-Distill phase 1's symmetric, undetached T = 4 alignment."""
     torch.manual_seed(1)
     logits = {"mm": torch.randn(6, 5), "student": torch.randn(6, 5), "cm": torch.randn(6, 5)}
     terms = mutual_learning_terms(logits, torch.zeros(6, dtype=torch.long), VARIANTS["mst_collaborative_init"])

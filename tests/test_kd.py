@@ -17,14 +17,6 @@ from pipeline.training.engine import train
 from tests.conftest import method_block, method_setup, run_context, synthetic_dataset, synthetic_split
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids thread contention on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _softmax(values, temperature):
     exps = [math.exp(v / temperature) for v in values]

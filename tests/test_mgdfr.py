@@ -25,14 +25,6 @@ from tests.conftest import (method_block, method_setup, raw_params, role_network
 N = 50  # samples: 30 train, 10 val, 10 test
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny batches: one thread is as fast, and far faster when other processes load the CPUs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _params(**changes) -> MGDFRParams:
     """The real mgdfr block (shrunk: one co-training epoch, one permutation per feature), with `changes`."""

@@ -20,14 +20,6 @@ from tests.conftest import method_block, method_setup, raw_params, role_network,
     synthetic_split
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids thread contention on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _softmax(row, T):
     exps = [math.exp(v / T) for v in row]

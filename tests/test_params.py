@@ -6,7 +6,6 @@ import copy
 from pathlib import Path
 
 import pytest
-import yaml
 
 from pipeline.data.av_digits import AVDigitsRecipe
 from pipeline.data.splits import SplitParams

@@ -44,8 +44,8 @@ class DMLParams:
     """Deep mutual learning of student + MM network + CM network, all from scratch. Not in the authors' code.
 
     Switch `variant`: default `dml` = the original method (T = 1, peer targets detached, peer KLs averaged);
-    `mst_collaborative_init` = the closest in-repo analogue, MST-Distill's collaborative initialisation (T = 4, ×T², NOT
-    detached so every KL also trains the peer, peer KLs summed). `kl_weight`: λ on each network's peer
+    `mst_collaborative_init` = the closest in-repo analogue, MST-Distill's collaborative initialisation (T = 4,
+    ×T², NOT detached so every KL also trains the peer, peer KLs summed). `kl_weight`: λ on each network's peer
     term (DML and MST collaborative initialisation: 1)."""
 
     teachers: list[str]

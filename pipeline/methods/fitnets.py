@@ -9,7 +9,6 @@ the regressors are then discarded. Phase `main`: Hinton KD exactly as `kd` ((1 â
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field

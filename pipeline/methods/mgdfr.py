@@ -25,7 +25,7 @@ from pipeline.methods.common.features import PairTable, check_pair_table, pair_e
 from pipeline.methods.common.kl import hinton_kd_loss, softened_kl
 from pipeline.models.registry import Network
 from pipeline.models.taps import FeatureTaps
-from pipeline.params import POSITIVE, check
+from pipeline.params import POSITIVE
 from pipeline.training.phases import Phase, RunContext
 
 CO_MOMENTUM = 0.9  # the authors' and the official MFH co-training SGD momentum

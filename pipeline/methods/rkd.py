@@ -17,7 +17,7 @@ from pipeline.methods.common.base import DistillationMethod, MethodSetup, regist
 from pipeline.methods.common.features import PairTable, check_pair_table, pair_entry
 from pipeline.methods.common.frozen import FrozenOutputs
 from pipeline.methods.common.tapped_features import FeatureTap, L2Embedding, PairTaps, TappedNetwork
-from pipeline.params import NON_NEGATIVE, POSITIVE, check
+from pipeline.params import NON_NEGATIVE, POSITIVE
 from pipeline.training.phases import RunContext
 from pipeline.models.registry import Network
 

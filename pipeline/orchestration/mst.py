@@ -64,7 +64,7 @@ def _specialist_run(params: Params, loaded: LoadedDataset, tracker: Tracker, *, 
 
 def mst_specialist_adaptation(params: Params, loaded: LoadedDataset, stage1_dir: Path, masks_dir: Path,
                               tracker: Tracker) -> list[RunRecord]:
-    """Phase 2 per seed and target on the stage-1 networks; saves masks_dir/seed<s>/<target>.pt."""
+    """Phase 2 per seed and target on the phase-1 networks (mst_s1); saves masks_dir/seed<s>/<target>.pt."""
     check_networks(loaded, params, stage1_dir)
     check_writable(masks_dir)
 
@@ -89,8 +89,8 @@ def _restored_masks(params: Params, loaded: LoadedDataset, networks: dict[str, N
 def _distillation_run(params: Params, loaded: LoadedDataset, tracker: Tracker, *, stage: str, seed: int,
                       target: str, setting: str, networks_dir: Path, masks: SpecialistMasks | Path | None,
                       topk: int) -> RunRecord:
-    """One phase-3 run of `setting` (Table 3): S1 on — teachers and student from stage 1; off — teachers from
-    the teachers stage and a fresh student. S2 on — the teachers masked by `masks`; S3 on — GateNet top-k."""
+    """One phase-3 run of `setting` (Table 3): S1 on — teachers and student from phase 1 (mst_s1); off —
+    teachers from the teachers stage and a fresh student. S2 on — the teachers masked by `masks`; S3 on — GateNet top-k."""
     try:
         mst = _mst_params(params).with_topk(topk)
     except BlockError as err:
@@ -169,7 +169,7 @@ def mst_ablation(params: Params, loaded: LoadedDataset, teachers_dir: Path, stag
 
 def topk_sweep(params: Params, loaded: LoadedDataset, stage1_dir: Path, masks_dir: Path,
                tracker: Tracker) -> list[RunRecord]:
-    """Paper Fig. 6: phase 3 for every k = 1..N on the same stage-1 networks and stage-2 MaskNets."""
+    """Paper Fig. 6: phase 3 for every k = 1..N on the same phase-1 networks and phase-2 MaskNets."""
     n = _mst_params(params).n_specialists
     return mst_dynamic_distillation(params, loaded, stage1_dir, masks_dir, tracker, topks=list(range(1, n + 1)),
                                     stage="mst_topk_sweep")

@@ -13,6 +13,8 @@ from pipeline.orchestration.jobs import network_path, run_jobs
 from pipeline.orchestration.runs import ROLES, LoadedDataset, RunRecord, make_setup, run_method
 from pipeline.tracking.base import Tracker
 
+CE = CrossEntropyOnly.name
+
 
 def train_teachers(params: Params, loaded: LoadedDataset, models_dir: Path, tracker: Tracker) -> list[RunRecord]:
     """Per seed, train the multimodal network and both unimodal networks from scratch with CE, with the
@@ -26,10 +28,10 @@ def train_teachers(params: Params, loaded: LoadedDataset, models_dir: Path, trac
     def job(seed: int, role: str, setting: str):
         def run(tracker: Tracker) -> list[RunRecord]:
             save = {"student": network_path(models_dir, seed, role)} if setting == "teacher" else None
-            outcome = run_method(params, loaded, tracker, stage="teachers", method=CrossEntropyOnly.name, teacher="none", target=role,
+            outcome = run_method(params, loaded, tracker, stage="teachers", method=CE, teacher="none", target=role,
                                  seed=seed, config=teacher_cfg if setting == "teacher" else student_cfg,
                                  setting=setting, save=save,
-                                 setup=lambda: make_setup(loaded, params, seed, method=CrossEntropyOnly.name, target=role,
+                                 setup=lambda: make_setup(loaded, params, seed, method=CE, target=role,
                                                           teacher_config="none", student=loaded.role_network(role)))
             (record,) = outcome.records
             if setting == "teacher" and role != "mm" and teacher_cfg == student_cfg:

@@ -158,8 +158,9 @@ class MSTDistill(DistillationMethod):
     def phases(self, context: RunContext) -> list[Phase]:
         p = self.params
         if self.phase == "collaborative_init":
-            return [collaborative_init_phase(dict(self.networks.items()), epochs=p.collaborative_init_epochs[self.dataset],
-                                             lr=context.lr, temperature=p.temperature,
+            return [collaborative_init_phase(dict(self.networks.items()),
+                                             epochs=p.collaborative_init_epochs[self.dataset], lr=context.lr,
+                                             temperature=p.temperature,
                                              detach_peer=p.collaborative_init_detach, context=context)]
         if self.phase == "specialist_adaptation":
             return [specialist_phase(self.student, self.groups, epochs=p.specialist_adaptation_epochs[self.dataset],

@@ -10,6 +10,9 @@ from pipeline.methods.common.features import check_architecture, check_modules
 from pipeline.params import NON_NEGATIVE, POSITIVE, BlockError, each_value
 
 
+EPOCHS_PER_DATASET = each_value(lambda v: v > 0, "integers > 0 per dataset")
+
+
 @dataclass(frozen=True)
 class MSTParams:
     """MST-Distill. Defaults follow the paper; the switches marked (Qn) reproduce the authors' code and are
@@ -17,10 +20,10 @@ class MSTParams:
 
     `teacher_set`: which teachers get MaskNets (paper Fig. 5). `hooks`: per network architecture, the module
     names MaskNets attach to, in order; the first `mask_layer_num` are used. `hidden_factor`: per dataset,
-    MaskNet token width h = ⌊D/(factor·heads)⌋·heads (paper: 2). `collaborative_init_epochs` / `specialist_adaptation_epochs`: per
-    dataset, the epochs of the collaborative-initialisation and specialist-adaptation phases (Q1: the
-    authors' HEAD runs 1 and 1). `specialist_adaptation_lr`: the MaskNets' Adam lr.
-    `collaborative_init_detach`: DML-style detached alignment targets in collaborative initialisation (paper Table 7).
+    MaskNet token width h = ⌊D/(factor·heads)⌋·heads (paper: 2). `collaborative_init_epochs` and
+    `specialist_adaptation_epochs`: per dataset, the epochs of phases 1 and 2 (Q1: the authors' HEAD runs 1
+    and 1). `specialist_adaptation_lr`: the MaskNets' Adam lr. `collaborative_init_detach`: DML-style
+    detached alignment targets in phase 1 (paper Table 7).
     `lb_mode`: `kl` (paper Eq. 17) or `cv` (paper Table 8). `stacked_hooks` (Q2): a teacher's second
     specialist keeps its first MaskNet attached too. `lb_divide_by_n` (Q6): the KL load balancing divided by
     N. `decay_after_epoch0` (Q8): λ decays already fire at the end of epoch 0.
@@ -32,8 +35,8 @@ class MSTParams:
     heads: int = field(metadata=POSITIVE)
     hidden_factor: dict[str, float] = field(metadata=each_value(lambda v: v > 0, "numbers > 0 per dataset"))
     hooks: dict[str, list[str]]
-    collaborative_init_epochs: dict[str, int] = field(metadata=each_value(lambda v: v > 0, "integers > 0 per dataset"))
-    specialist_adaptation_epochs: dict[str, int] = field(metadata=each_value(lambda v: v > 0, "integers > 0 per dataset"))
+    collaborative_init_epochs: dict[str, int] = field(metadata=EPOCHS_PER_DATASET)
+    specialist_adaptation_epochs: dict[str, int] = field(metadata=EPOCHS_PER_DATASET)
     specialist_adaptation_lr: float = field(metadata=POSITIVE)
     collaborative_init_detach: bool
     lambda_kd: float = field(metadata=NON_NEGATIVE)

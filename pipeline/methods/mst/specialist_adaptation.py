@@ -1,8 +1,8 @@
 """MST-Distill phase 2, specialised teacher adaptation (paper §3.2, Eqs. 5–10; official-mst-spec.md §5.2).
 
 A MaskNet is inserted at each chosen layer of each frozen teacher (the multimodal network and the
-other-modality network, both from stage 1). Each MaskNet makes one specialised teacher and is trained
-alone, with only its own hook active, to minimise T²·KL(p_student ‖ p_masked-teacher) with the stage-1
+other-modality network, both from phase 1). Each MaskNet makes one specialised teacher and is trained
+alone, with only its own hook active, to minimise T²·KL(p_student ‖ p_masked-teacher) with the phase-1
 student as the detached target. All base weights stay frozen; gradients flow through the frozen upper
 layers into the MaskNet only. After every epoch the summed mean validation KL decides which set of
 MaskNet weights is kept (one joint choice, as the authors).
