@@ -229,27 +229,6 @@ class _Unlisted:
             raise AttributeError(name)
         self.fail()
 
-    def __getitem__(self, key):
-        self.fail()
-
-    def __iter__(self):
-        self.fail()
-
-    def __len__(self):
-        self.fail()
-
-    def __bool__(self):
-        self.fail()
-
-    def __eq__(self, other):
-        self.fail()
-
-    def __str__(self):
-        self.fail()
-
-    def __format__(self, spec):
-        self.fail()
-
     __hash__ = None  # type: ignore[assignment]
 
 
@@ -257,10 +236,11 @@ def _fail_on_use(self, *args, **kwargs):
     self.fail()
 
 
-# any use of an unlisted value (arithmetic, comparison, conversion, call) names the key
-for _name in ("add", "radd", "sub", "rsub", "mul", "rmul", "truediv", "rtruediv", "floordiv", "rfloordiv", "pow",
-              "rpow", "mod", "lt", "le", "gt", "ge", "ne", "neg", "pos", "abs", "float", "int", "index", "contains",
-              "call", "round"):
+# any use of an unlisted value (indexing, iteration, truth, comparison, printing, arithmetic, conversion,
+# call) names the key
+for _name in ("getitem", "iter", "len", "bool", "eq", "ne", "str", "format", "add", "radd", "sub", "rsub", "mul",
+              "rmul", "truediv", "rtruediv", "floordiv", "rfloordiv", "pow", "rpow", "mod", "lt", "le", "gt", "ge",
+              "neg", "pos", "abs", "float", "int", "index", "contains", "call", "round"):
     setattr(_Unlisted, f"__{_name}__", _fail_on_use)
 
 
@@ -272,7 +252,7 @@ class _ListedMapping(dict):
         self._prefix, self._stage = prefix, stage
 
     def __missing__(self, key):
-        _Unlisted(f"{self._prefix}.{key}" if self._prefix else str(key), self._stage).fail()
+        _Unlisted(join(self._prefix, str(key)), self._stage).fail()
 
 
 def listed_params(stage: str) -> list[str]:
@@ -295,26 +275,21 @@ def restrict_to(params: Any, keys: list[str], stage: str) -> Any:
 
 
 def _restrict(value: Any, prefix: str, allowed: set[str], stage: str) -> Any:
-    if not prefix and isinstance(value, dict):  # a mapping of top-level blocks
-        return _ListedMapping({k: _restrict(v, k, allowed, stage) for k, v in value.items()
-                               if any(a == k or a.startswith(k + ".") for a in allowed)}, "", stage)
-    if prefix and prefix in allowed:
+    if prefix in allowed:
         return value
     if prefix and not any(key.startswith(prefix + ".") for key in allowed):
         return _Unlisted(prefix, stage)
     if dataclasses.is_dataclass(value):
-        changes = {}
-        for f in dataclasses.fields(value):
-            if f.name == "blocks":
-                changes[f.name] = {name: _restrict(block, name, allowed, stage)
-                                   for name, block in getattr(value, f.name).items()}
-            elif f.init:
-                changes[f.name] = _restrict(getattr(value, f.name), f"{prefix}.{f.name}" if prefix else f.name,
-                                            allowed, stage)
-        return dataclasses.replace(value, **changes)
+        # a field marked `top_level_keys` holds blocks whose keys are top-level keys (the method blocks)
+        return dataclasses.replace(value, **{
+            f.name: _restrict(getattr(value, f.name), "" if f.metadata.get("top_level_keys") else join(prefix, f.name),
+                              allowed, stage)
+            for f in dataclasses.fields(value) if f.init})
     if isinstance(value, dict):
-        listed = {k: v for k, v in value.items() if any(a == f"{prefix}.{k}" or a.startswith(f"{prefix}.{k}.")
-                                                        for a in allowed)}
-        return _ListedMapping({k: _restrict(v, f"{prefix}.{k}", allowed, stage) for k, v in listed.items()},
+        def listed(key: str) -> bool:
+            full = join(prefix, key)
+            return full in allowed or any(a.startswith(full + ".") for a in allowed)
+
+        return _ListedMapping({k: _restrict(v, join(prefix, k), allowed, stage) for k, v in value.items() if listed(k)},
                               prefix, stage)
     return _Unlisted(prefix, stage)

@@ -95,10 +95,9 @@ class DeepMutualLearning(DistillationMethod):
 
     @classmethod
     def from_setup(cls, setup: MethodSetup) -> "DeepMutualLearning":
-        other = "m2" if setup.target == "m1" else "m1"
         # built after the student, MM first: a fixed order of RNG draws for a given seed
         mm_network = setup.build_network("mm")
-        cm_network = setup.build_network(other)
+        cm_network = setup.build_network(setup.other)
         p = setup.method_params
         return cls(setup.student, mm_network, cm_network, VARIANTS[p.variant], p.kl_weight)
 

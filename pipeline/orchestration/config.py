@@ -25,7 +25,7 @@ from pipeline.data.av_digits import AVDigitsRecipe
 from pipeline.data.catalog import DATASETS
 from pipeline.data.splits import SplitParams
 from pipeline.methods import check_teacher_config, method_class, method_names
-from pipeline.params import (NON_NEGATIVE, POSITIVE, BlockError, UnlistedParamError, _Unlisted, fail, listed_params,
+from pipeline.params import (NON_NEGATIVE, POSITIVE, BlockError, UnlistedParamError, fail, listed_params,
                              parse, read_yaml, restrict_to)
 from pipeline.tracking.base import TrackingParams
 from pipeline.training.settings import EngineParams, TrainingParams
@@ -50,7 +50,7 @@ class Params:
     topk: int = field(metadata=POSITIVE)
     fidelity: Literal["paper", "official"]
     tracking: TrackingParams
-    blocks: dict[str, Any] = field(default_factory=dict, metadata={"parsed_separately": True})
+    blocks: dict[str, Any] = field(default_factory=dict, metadata={"parsed_separately": True, "top_level_keys": True})
 
     def method(self, name: str) -> Any:
         """The params block of method `name`, resolved (MST: under `fidelity`); None for a method without one."""
@@ -58,8 +58,6 @@ class Params:
         if cls.params_type is None:
             return None
         block = self.blocks.get(name)
-        if isinstance(block, _Unlisted):
-            block.fail()
         if block is None:
             raise UnlistedParamError(f"params.yaml: {name}: this block was not loaded (a DVC stage gets the "
                                      f"method blocks its dvc.yaml entry lists)")

@@ -23,8 +23,8 @@ def distill(params: Params, method_name: str, loaded: LoadedDataset, teachers_di
     for config in configs:
         check_teacher_config(cls, config)
     spec = loaded.spec
-    needed = {"mm" if config == "mm" else role for config in configs if config in ("mm", "cm")
-              for role in (("mm",) if config == "mm" else ("m1", "m2"))}
+    # the MM teacher, or each target's CM teacher (both unimodal networks); mm+cm methods build their own
+    needed = {role for config in configs for role in {"mm": ("mm",), "cm": ("m1", "m2")}.get(config, ())}
     check_networks(loaded, params, teachers_dir, sorted(needed))
 
     def job(seed: int, target: str, config: str):

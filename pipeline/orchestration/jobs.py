@@ -37,8 +37,10 @@ def masks_path(folder: Path, seed: int, target: str) -> Path:
     return folder / f"seed{seed}" / f"{target}.pt"
 
 
-def load_network(loaded: LoadedDataset, folder: Path, seed: int, role: str) -> Network:
-    return load_checkpoint(network_path(folder, seed, role), loaded.data.device,
+def load_network(loaded: LoadedDataset, folder: Path, seed: int, role: str,
+                 device: torch.device | None = None) -> Network:
+    """The checkpoint of `role` for `seed`, checked to hold the dataset's network for that role."""
+    return load_checkpoint(network_path(folder, seed, role), device or loaded.data.device,
                            expect_arch=loaded.spec.networks[role], expect_inputs=network_inputs(role))
 
 
@@ -47,11 +49,11 @@ def check_networks(loaded: LoadedDataset, params: Params, folder: Path, roles=RO
     one stops the stage before any run trains."""
     for seed in params.seeds:
         for role in roles:
-            load_checkpoint(network_path(folder, seed, role), torch.device("cpu"),
-                            expect_arch=loaded.spec.networks[role], expect_inputs=network_inputs(role))
+            load_network(loaded, folder, seed, role, torch.device("cpu"))
 
 
 def check_masks(params: Params, folder: Path) -> None:
+    """Read every phase-2 MaskNet file a stage will load (weights-only), before any run trains."""
     for seed in params.seeds:
         for target in ("m1", "m2"):
             read_module_state(masks_path(folder, seed, target))

@@ -141,12 +141,13 @@ def run_method(params: Params, loaded: LoadedDataset, tracker: Tracker, *, stage
     seed_everything(seed, params.deterministic)
     run_setup = setup()
     built = cls.from_setup(run_setup)
+    phase = phase or built.main_phase_name
     tags = {"run.dataset": spec.key, "run.stage": stage, "run.method": method, "run.setting": setting,
-            "run.phase": phase or built.main_phase_name, "run.teacher": teacher, "run.target": target_name,
+            "run.phase": phase, "run.teacher": teacher, "run.target": target_name,
             "run.seed": str(seed), "device": str(loaded.data.device)}
     method_block = cls.run_params(run_setup.method_params) if cls.params_type else {}
     all_params = {"dataset": spec.key, "stage": stage, "method": method, "setting": setting,
-                  "phase": phase or built.main_phase_name, "teacher": teacher, "target": target_name, "seed": seed,
+                  "phase": phase, "teacher": teacher, "target": target_name, "seed": seed,
                   "student_arch": built.student.arch,
                   **{f"train.{k}": v for k, v in dataclasses.asdict(config).items()},
                   **{f"engine.{k}": v for k, v in dataclasses.asdict(params.engine).items()},

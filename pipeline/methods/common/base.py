@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from pipeline.data.catalog import DatasetSpec
 from pipeline.data.tensors import Batch
 from pipeline.models.registry import Network
 from pipeline.params import flatten
@@ -83,7 +84,7 @@ class MethodSetup:
     @property
     def other(self) -> str:
         """The other modality's batch key (the CM teacher's input)."""
-        return {"m1": "m2", "m2": "m1"}[self.target]
+        return DatasetSpec.other(self.target)
 
 
 class DistillationMethod(nn.Module):

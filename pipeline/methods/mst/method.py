@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipeline.data.catalog import DatasetSpec
 from pipeline.data.tensors import Batch
 from pipeline.methods.common.base import DistillationMethod, MethodSetup, register
 from pipeline.methods.mst.averaged_distillation import AveragedDistillation
@@ -87,7 +88,7 @@ class MSTDistill(DistillationMethod):
     def teacher_groups(cls, params: MSTParams, networks: dict[str, Network], target: str, sample: Batch,
                        dataset: str) -> list[TeacherGroup]:
         """Frozen teachers for `target` with fresh MaskNets at their hooked layers (MM first, then CM)."""
-        other = {"m1": "m2", "m2": "m1"}[target]
+        other = DatasetSpec.other(target)
         groups = []
         for config in params.teacher_set.split("+"):
             network = networks["mm" if config == "mm" else other]
