@@ -1,6 +1,7 @@
 """DVC stage: one step of MST-Distill on one dataset, every seed and both targets: a phase
 (`collaborative_init`, `specialist_adaptation`, `dynamic_distillation`), the stage ablation of paper
-Table 3 (`ablation`) or the top-k sweep of paper Fig. 6 (`topk_sweep`)."""
+Table 3 (`ablation`), the top-k sweep of paper Fig. 6 (`topk_sweep`) or the method variants of paper
+Tables 7, 8 and Fig. 5 (`variants`)."""
 
 from pathlib import Path
 
@@ -12,11 +13,12 @@ from pipeline.orchestration.runs import load_dataset, write_records
 from pipeline.tracking import open_tracker
 from stages.common import parser, run_stage
 
-STEPS = ("collaborative_init", "specialist_adaptation", "dynamic_distillation", "ablation", "topk_sweep")
+STEPS = ("collaborative_init", "specialist_adaptation", "dynamic_distillation", "ablation", "topk_sweep", "variants")
 # which folders each step reads (r) and writes (w)
 FOLDERS = {"collaborative_init": {"stage1": "w"}, "specialist_adaptation": {"stage1": "r", "masks": "w"},
            "dynamic_distillation": {"stage1": "r", "masks": "r"}, "topk_sweep": {"stage1": "r", "masks": "r"},
-           "ablation": {"teachers": "r", "stage1": "r", "masks": "r"}}
+           "ablation": {"teachers": "r", "stage1": "r", "masks": "r"},
+           "variants": {"stage1": "r", "masks": "r", "variant_models": "w"}}
 
 
 def main() -> None:
@@ -28,10 +30,11 @@ def main() -> None:
     p.add_argument("--stage1", type=Path, help="collaborative-initialisation networks")
     p.add_argument("--masks", type=Path, help="specialist-adaptation MaskNets")
     p.add_argument("--teachers", type=Path, help="the teachers stage's checkpoints (ablation)")
+    p.add_argument("--variant-models", type=Path, help="folder receiving the variants' networks and MaskNets")
     args = p.parse_args()
     for folder in FOLDERS[args.step]:
         if getattr(args, folder) is None:
-            p.error(f"--{folder} is required for {args.step}")
+            p.error(f"--{folder.replace('_', '-')} is required for {args.step}")
     params = load_params(args.params)
     device = open_device(params)
     check_writable(args.results, *[getattr(args, f) for f, mode in FOLDERS[args.step].items() if mode == "w"])
@@ -45,6 +48,8 @@ def main() -> None:
             records = mst_stages.mst_specialist_adaptation(params, loaded, args.stage1, args.masks, tracker)
         elif args.step == "dynamic_distillation":
             records = mst_stages.mst_dynamic_distillation(params, loaded, args.stage1, args.masks, tracker)
+        elif args.step == "variants":
+            records = mst_stages.mst_variants(params, loaded, args.stage1, args.masks, args.variant_models, tracker)
         elif args.step == "topk_sweep":
             records = mst_stages.topk_sweep(params, loaded, args.stage1, args.masks, tracker)
         else:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from pipeline.io import check_writable
 from pipeline.params import load_blocks
-from pipeline.reporting.tables import write_reports
+from pipeline.reporting.reports import write_reports
 from stages.common import parser, run_stage
 
 

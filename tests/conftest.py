@@ -39,7 +39,8 @@ def shrunk_raw(seeds=(0,), epochs: int = 2, batch_size: int = 16, **overrides) -
     raw = raw_params()
     raw["seeds"] = list(seeds)
     for block in ("training", "teacher_training"):
-        raw[block]["av_digits"].update(epochs=epochs, batch_size=batch_size)
+        raw[block]["av_digits"].update(epochs=epochs, batch_size=batch_size, min_epochs=min(
+            raw[block]["av_digits"].get("min_epochs", 0), epochs))
     raw["mst"]["collaborative_init_epochs"]["av_digits"] = epochs
     raw["mst"]["specialist_adaptation_epochs"]["av_digits"] = 1
     raw["fitnets"]["hint_epochs"]["av_digits"] = 1

@@ -4,6 +4,7 @@ equivalence with three separate Adams, the MST collaborative-initialisation vari
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -164,3 +165,20 @@ def test_one_adam_equals_three_separate_adams():
         expected = getattr(separate, name).state_dict()
         for key, value in getattr(joint, name).state_dict().items():
             torch.testing.assert_close(value, expected[key], rtol=0, atol=0, msg=f"{name}.{key}")
+
+
+@pytest.mark.parametrize("variant", ["dml", "mst_collaborative_init"])
+@pytest.mark.parametrize("reduction", ["variant", "mean", "sum"])
+def test_peer_reduction_switch_overrides_only_the_reduction(variant, reduction):
+    """`peer_reduction: sum` is Zhang et al.'s official code (peer KLs added); `variant` keeps the variant's own."""
+    p = dataclasses.replace(_params(), variant=variant, peer_reduction=reduction)
+    loss = p.peer_loss()
+    expected = VARIANTS[variant].peer_reduction if reduction == "variant" else reduction
+    assert loss == dataclasses.replace(VARIANTS[variant], peer_reduction=expected)
+    logits = {"student": torch.randn(6, 10), "mm": torch.randn(6, 10), "cm": torch.randn(6, 10)}
+    labels = torch.randint(0, 10, (6,))
+    summed = mutual_learning_terms(logits, labels, dataclasses.replace(loss, peer_reduction="sum"), 1.0)
+    terms = mutual_learning_terms(logits, labels, loss, 1.0)
+    for name in ("student", "mm", "cm"):
+        factor = 1.0 if expected == "sum" else 0.5  # two peers each
+        torch.testing.assert_close(terms[f"kl_{name}"], factor * summed[f"kl_{name}"])

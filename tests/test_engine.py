@@ -221,3 +221,57 @@ def test_selected_modules_are_restored_to_the_best_epoch_and_test_last_precedes_
 def test_a_method_without_phases_is_an_error():
     with pytest.raises(ValueError, match="at least one phase"):
         train(_Declared(role_network("m1"), lambda c: []), run_context())
+
+
+def _stopping_phase(scores: list[float], patience: int, min_epochs: int, losses: list[float] | None = None):
+    """A one-parameter phase whose validation score per epoch is scripted (and its training loss, optionally)."""
+    weight = nn.Parameter(torch.zeros(1))
+    epochs = len(scores)
+    losses = losses or [1.0] * epochs
+    seen = []
+
+    def terms(batch, epoch):
+        seen.append(epoch)
+        return {"ce": (weight * 0 + losses[epoch]).sum()}
+
+    phase = Phase("main", epochs, terms, lambda: torch.optim.SGD([weight], lr=0.0), train_modules=[],
+                  validate=lambda epoch: {"val_loss": scores[epoch]}, score=lambda m, e: m["val_loss"],
+                  selected=[], patience=patience, min_epochs=min_epochs)
+    return phase, seen
+
+
+@pytest.mark.parametrize("patience, min_epochs, ran, stopped", [
+    (0, 0, 10, "completed"),          # off: every epoch
+    (3, 0, 5, "early_stopping"),      # best at epoch 1, no gain for 3 epochs -> stops after epoch 4
+    (3, 8, 8, "early_stopping"),      # ... but never before min_epochs
+    (20, 0, 10, "completed"),         # patience longer than the budget
+])
+def test_early_stopping_counts_epochs_without_improvement_after_min_epochs(patience, min_epochs, ran, stopped):
+    from pipeline.training.engine import run_phase
+
+    scores = [5.0, 1.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0]
+    phase, _ = _stopping_phase(scores, patience, min_epochs)
+    result = run_phase(phase, run_context(synthetic_dataset(), synthetic_split(), epochs=10))
+    assert (result.epochs, result.stopped, result.best_epoch, result.max_epochs) == (ran, stopped, 1, 10)
+    assert len(result.history) == ran
+
+
+def test_a_plateau_that_keeps_improving_a_little_is_not_stopped():
+    """Early stopping compares with the best score, so RKD's slowly sinking plateau (2.303, 2.302, ...) runs on."""
+    from pipeline.training.engine import run_phase
+
+    scores = [2.303 - 1e-4 * e for e in range(12)]
+    phase, _ = _stopping_phase(scores, patience=2, min_epochs=0)
+    result = run_phase(phase, run_context(synthetic_dataset(), synthetic_split(), epochs=12))
+    assert result.stopped == "completed" and result.best_epoch == 11
+
+
+def test_a_non_finite_training_loss_stops_the_phase_and_keeps_the_earlier_selection():
+    from pipeline.training.engine import run_phase
+
+    phase, seen = _stopping_phase([3.0, 2.0, 1.0, 0.5, 0.4], patience=0, min_epochs=0,
+                                  losses=[1.0, 1.0, float("nan"), 1.0, 1.0])
+    result = run_phase(phase, run_context(synthetic_dataset(), synthetic_split(), epochs=5))
+    assert result.stopped == "non_finite_loss" and result.epochs == 3 and result.best_epoch == 1
+    assert max(seen) == 2  # nothing trained after the non-finite epoch
+    assert result.history[-1]["epoch"] == 2 and "val_loss" not in result.history[-1]

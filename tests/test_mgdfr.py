@@ -204,8 +204,9 @@ def test_fast_salience_chunking_does_not_change_the_result():
 
 @pytest.mark.parametrize("target", ["m1", "m2"])
 def test_builds_prepares_and_trains_the_student(target):
+    """With `masking: freeze` (MFH's intent) the lowest-salience 75 % of the teacher's features are frozen."""
     data = synthetic_dataset(N)
-    method = _method(target, data=data)
+    method = _method(target, dataclasses.replace(_params(), masking="freeze"), data=data)
     assert method.teacher.arch == ("three_layer_cnn_a" if target == "m1" else "lenet5")
     context = _context(data)
     assert [phase.name for phase in method.phases(context)] == ["co_training", "main"]
@@ -250,10 +251,26 @@ def test_builds_prepares_and_trains_the_student(target):
     assert not torch.allclose(unfrozen, expected)
 
 
+@pytest.mark.parametrize("target", ["m1", "m2"])
+def test_default_masking_is_the_authors_none(target):
+    """The default `masking: none` does what the authors' code does: the salience is computed but the
+    teacher's logits are those of the unhooked co-trained teacher (baselines quirk Q13)."""
+    data = synthetic_dataset(N)
+    assert _params().masking == "none"
+    method = _method(target, data=data)
+    context = _context(data)
+    _co_train_and_prepare(method, context)
+    assert method.salience is not None and len(method.frozen_features) == 0 and method._freeze_handle is None
+    batch = data.batch(synthetic_split(N)["train"][:8])
+    with torch.no_grad():
+        plain = method.teacher(batch)
+    torch.testing.assert_close(method.teacher_logits(batch), plain, rtol=0, atol=0)
+
+
 def test_kd_stage_losses_and_uncacheable_teacher():
     data = synthetic_dataset(N)
     context = _context(data)
-    method = _method("m2", data=data)
+    method = _method("m2", dataclasses.replace(_params(), masking="freeze"), data=data)
     _co_train_and_prepare(method, context)
     batch = data.batch(synthetic_split(N)["train"][:8])
     logits, teacher = method.student(batch), method.teacher_logits(batch)

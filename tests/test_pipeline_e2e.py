@@ -119,8 +119,23 @@ def test_table3_topk_sweep_and_routing_figures(clone):
     assert [r["k"] for r in sweep] == ["1", "2", "3", "4"]
     # k = 1 is the default top-k: the sweep's runs reproduce the Table 1 row exactly
     assert float(sweep[0]["image_mean"]) == float(table1["mst"]["av_digits/image/mean"])
-    for png in ("routing_av_digits_image.png", "routing_av_digits_audio.png", "topk_sweep_av_digits.png"):
+    for png in ("routing_av_digits_image.png", "routing_av_digits_audio.png", "fig6_topk_av_digits.png"):
         assert (clone / "reports" / "figures" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_tables_6_7_8_figures_5_7_8_and_health_report(clone):
+    reports = clone / "reports"
+    assert "**MST-Distill / KD**" in (reports / "table6.md").read_text()
+    for name, rows in (("table7.md", ("Joint (paper)", "Detached (DML-style)")), ("table8.md", ("KL (paper Eq. 17)", "CV"))):
+        text = (reports / name).read_text()
+        assert all(f"| {row} |" in text for row in rows), name
+    health = (reports / "health.md").read_text()
+    runs = [r for path in (clone / "results" / "av_digits").glob("*.json") for r in json.loads(path.read_text())["runs"]]
+    flagged = [r for r in runs if r["health"]["problems"]]
+    assert f"{len(runs)} trained networks assessed, {len(flagged)} flagged" in health
+    assert all(f"`{r['run_name']}`" in health for r in flagged)
+    for png in ("fig5_teacher_sets_av_digits.png", "fig7_unimodal_vs_mm_av_digits.png", "fig8_mm_vs_cm_av_digits.png"):
+        assert (reports / "figures" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_dvc_plots_render_offline(clone):
@@ -141,7 +156,10 @@ def test_every_run_is_in_mlflow_with_params_metrics_tags_and_artifacts(clone):
     params = yaml.safe_load((clone / "params.yaml").read_text())
     distill_runs = sum(2 * len(params[name]["teachers"]) for name in params["methods"])
     n_specialists = 2 * params["mst"]["mask_layer_num"]
-    assert len(children) == len(SEEDS) * (3 + distill_runs + 1 + 2 + 2 + 7 * 2 + 2 + 2 * n_specialists)
+    # the method variants (Tables 7, 8, Fig. 5): detached stage 1 re-runs phases 1-3 (1 + 2 + 2), CV load
+    # balancing phase 3 (2), each single-teacher set phases 2 and 3 (2 x 4)
+    variants = 5 + 2 + 2 * 4
+    assert len(children) == len(SEEDS) * (3 + distill_runs + 1 + 2 + 2 + 7 * 2 + 2 + 2 * n_specialists + variants)
     names = {r.info.run_name for r in children}
     assert {"teachers/ce/none/multimodal/seed0", "distill/kd/cm/audio/seed1", "mst_s1/mst/mm+cm/all/seed0",
             "mst_ablation/mst-b/mm+cm/image/seed1"} <= names

@@ -11,7 +11,8 @@ import pytest
 
 from pipeline.orchestration.runs import RunRecord
 from pipeline.reporting.tables import (ResultsError, read_runs, table1, table1_csv, table1_markdown, table1_rows,
-                                       table3, table3_markdown, topk_summary, write_reports)
+                                       table3, table3_markdown, topk_summary)
+from pipeline.reporting.reports import write_reports
 
 NAMES = {"m1": "image", "m2": "audio", "mm": "multimodal"}
 
@@ -125,5 +126,70 @@ def test_topk_sweep_and_routing_outputs(tmp_path):
     assert "| 2 | 60.00 ± 0.00 | 60.00 ± 0.00 |" in (reports / "topk_sweep.md").read_text()
     shares = list(csv.DictReader((reports / "plots" / "routing_av_digits_audio.csv").open()))
     assert shares[1]["mm:fc1"] == "0.25" and list(shares[0]) == ["epoch", "mm:concat_identity", "mm:fc1", "cm:a", "cm:b"]
-    for png in ("routing_av_digits_image.png", "topk_sweep_av_digits.png"):
+    for png in ("routing_av_digits_image.png", "fig6_topk_av_digits.png"):
         assert (reports / "figures" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _flagged(run: dict, *problems: str) -> dict:
+    return {**run, "health": {"verdict": "flagged", "problems": list(problems)}, "run_name": f"distill/x/seed{run['seed']}"}
+
+
+def test_a_cell_with_a_flagged_seed_carries_a_dagger_and_a_caption():
+    runs = [r if not (r["method"] == "kd" and r["teacher"] == "cm" and r["seed"] == 1) else
+            _flagged(r, "stayed_at_chance") for r in RUNS]
+    text = table1_markdown(table1(runs, ["av_digits"]), ["av_digits"])
+    assert "50.00 ± 0.00" not in text and "51.00 ± 1.41 †" in text
+    assert "† KD (CM), AV-Digits image: 1 of 2 seeds stayed at chance." in text
+    assert text.count("†") == 2  # the cell and its caption line
+
+
+def _costed(run: dict, seconds: float, peak: float, name: str) -> dict:
+    return {**run, "cost": {"train_s": seconds, "peak_mb": peak, "device": "cpu"}, "run_name": name}
+
+
+def test_paper_outputs_tables_6_7_8_health_and_figures(tmp_path):
+    """Table 6 sums each pipeline's runs per seed (phase 1's three records are one run), Tables 7/8 and Fig. 5
+    put the default MST-Distill beside its variants, health.md lists each flagged run by its MLflow name."""
+    runs = []
+    for s in (0, 1):
+        runs += [_costed(_run("ce", "none", role, s, 0.5, "teachers", "teacher"), 10.0, 100.0, f"t/{role}/{s}")
+                 for role in ("mm", "m1", "m2")]
+        runs += [_costed(_run("ce", "none", t, s, 0.5, "teachers", "wo_kd"), 10.0, 100.0, f"t/{t}/{s}")
+                 for t in ("m1", "m2")]
+        runs += [_costed(_run("kd", c, t, s, 0.6), 5.0, 50.0, f"kd/{c}/{t}/{s}") for c in ("mm", "cm") for t in ("m1", "m2")]
+        runs += [_costed(_run("mst", "mm+cm", role, s, 0.5, "mst_s1"), 30.0, 200.0, f"s1/{s}") for role in ("mm", "m1", "m2")]
+        runs += [_costed({**_run("mst", "mm+cm", t, s, 0.0, "mst_s2"), "test_accuracy": None}, 5.0, 80.0, f"s2/{t}/{s}") for t in ("m1", "m2")]
+        runs += [_costed(_mst("full", t, s, 0.7, "mst_s3"), 15.0, 120.0, f"s3/{t}/{s}") for t in ("m1", "m2")]
+        for variant, acc in (("s1_detached", 0.65), ("lb_cv", 0.68), ("teachers_mm", 0.66), ("teachers_cm", 0.62)):
+            runs += [{**_mst(variant, t, s, acc, "mst_variants"), "phase": "dynamic_distillation"} for t in ("m1", "m2")]
+    runs.append(_flagged(_run("c2kd", "cm", "m1", 0, 0.08), "stayed_at_chance", "constant_prediction"))
+    results = tmp_path / "results" / "av_digits"
+    results.mkdir(parents=True)
+    (results / "all.json").write_text(json.dumps({"runs": runs}))
+    write_reports(tmp_path / "results", tmp_path / "reports", ["av_digits"])
+    reports = tmp_path / "reports"
+    table6 = (reports / "table6.md").read_text()
+    # per seed: KD pipeline = 3 teachers x 10 s + 4 KD x 5 s = 50 s; MST = 30 + 2 x 5 + 2 x 15 = 70 s -> 1.40 x
+    assert "| KD: teachers (MM, both unimodal) + KD (MM) and KD (CM) students | 50.00 ± 0.00 | 100.0 |" in table6
+    assert "| MST-Distill: phases 1, 2 and 3 | 70.00 ± 0.00 | 200.0 |" in table6
+    assert "**1.40 ± 0.00 ×** | **2.00 ± 0.00 ×** |" in table6
+    assert "| MST-Distill phase 1 (collaborative init., 3 networks) | 2 |" in table6
+    table7 = (reports / "table7.md").read_text()
+    assert "| Joint (paper) | 70.00 ± 0.00 | 70.00 ± 0.00 | 70.00 ± 0.00 |" in table7
+    assert "| Detached (DML-style) | 65.00 ± 0.00 |" in table7
+    assert "| CV | 68.00 ± 0.00 |" in (reports / "table8.md").read_text()
+    health = (reports / "health.md").read_text()
+    assert "`distill/x/seed0`" in health and "stayed_at_chance, constant_prediction" in health and "C²KD" in health
+    assert "not a dataset of the paper" in (reports / "paper_comparison.md").read_text()
+    for png in ("fig5_teacher_sets_av_digits.png", "fig7_unimodal_vs_mm_av_digits.png", "fig8_mm_vs_cm_av_digits.png"):
+        assert (reports / "figures" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_paper_values_print_beside_ours_with_the_difference():
+    from pipeline.reporting.paper_outputs import paper_comparison_markdown
+
+    runs = [{**r, "dataset": "av_mnist"} for r in RUNS]
+    t1 = table1(runs, ["av_mnist"])
+    text = paper_comparison_markdown(t1, {}, ["av_mnist"], {("av_mnist", "table1", "kd_mm", "image"): 66.5})
+    assert "| table1 | KD (MM) | image | 65.00 | 66.50 | -1.50 |" in text
+    assert "not transcribed" in paper_comparison_markdown(t1, {}, ["av_mnist"], {})

@@ -25,6 +25,7 @@ class DatasetSpec:
     networks: dict[str, str]              # "mm" (multimodal teacher), "m1", "m2" -> architecture name
     load: Callable[[Path, Any], dict[str, np.ndarray]]   # (raw folder, params blocks) -> m1, m2, labels
     raw_layout: str                       # what a user must place in the raw folder
+    in_paper: bool = True                 # False: not a dataset of the paper (no published numbers)
 
     def modality_name(self, key: str) -> str:
         return "multimodal" if key == "mm" else self.modalities[key]
@@ -42,7 +43,7 @@ DATASETS: dict[str, DatasetSpec] = {
     "av_digits": DatasetSpec(
         key="av_digits", display_name="AV-Digits", modalities={"m1": "image", "m2": "audio"}, num_classes=10,
         networks={"mm": "cnn_i", "m1": "lenet5", "m2": "three_layer_cnn_a"},
-        load=lambda root, blocks: load_av_mnist(root, blocks["av_digits"].spectrogram_size),
+        load=lambda root, blocks: load_av_mnist(root, blocks["av_digits"].spectrogram_size), in_paper=False,
         raw_layout=AV_MNIST_LAYOUT + ", built by the build_av_digits stage"),
     "av_mnist": DatasetSpec(
         key="av_mnist", display_name="AV-MNIST", modalities={"m1": "image", "m2": "audio"}, num_classes=10,

@@ -8,6 +8,8 @@ three are trained (train mode, in the optimiser); nothing is frozen, so nothing 
 
 from __future__ import annotations
 
+import dataclasses
+
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
@@ -46,11 +48,18 @@ class DMLParams:
     Switch `variant`: default `dml` = the original method (T = 1, peer targets detached, peer KLs averaged);
     `mst_collaborative_init` = the closest in-repo analogue, MST-Distill's collaborative initialisation (T = 4,
     ×T², NOT detached so every KL also trains the peer, peer KLs summed). `kl_weight`: λ on each network's peer
-    term (DML and MST collaborative initialisation: 1)."""
+    term (DML and MST collaborative initialisation: 1). Switch `peer_reduction`: `variant` (default: the
+    variant's own, mean for `dml`), `mean`, or `sum` (Zhang et al.'s official code adds the peer KLs)."""
 
     teachers: list[str]
     variant: Literal["dml", "mst_collaborative_init"]
     kl_weight: float = field(metadata={"check": (lambda v: v >= 0, "a number >= 0")})
+    peer_reduction: Literal["variant", "mean", "sum"] = "variant"
+
+    def peer_loss(self) -> PeerLoss:
+        """The variant's peer loss, with the reduction the switch asks for."""
+        loss = VARIANTS[self.variant]
+        return loss if self.peer_reduction == "variant" else dataclasses.replace(loss, peer_reduction=self.peer_reduction)
 
 
 def mutual_learning_terms(logits: Mapping[str, torch.Tensor], labels: torch.Tensor, peer_loss: PeerLoss,
@@ -99,7 +108,7 @@ class DeepMutualLearning(DistillationMethod):
         mm_network = setup.build_network("mm")
         cm_network = setup.build_network(setup.other)
         p = setup.method_params
-        return cls(setup.student, mm_network, cm_network, VARIANTS[p.variant], p.kl_weight)
+        return cls(setup.student, mm_network, cm_network, p.peer_loss(), p.kl_weight)
 
     def configure_optimizer(self, lr: float) -> torch.optim.Optimizer:
         """One Adam(lr) with a parameter group per network. DML gives each network its own optimiser; with

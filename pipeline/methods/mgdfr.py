@@ -5,8 +5,9 @@ Phase `co_training`: a fresh teacher of the other modality and a fresh student a
 CE_t + CE_s + MSE(z_t, z_s), no detach, one SGD(co_lr, momentum 0.9); the last epoch is kept. The teachers-
 stage checkpoint is not used (Q11). Then, once, the salience: the salience of teacher feature i is the mean over
 repeats and training batches of MSE(z_t with feature i permuted across the batch, z_s), min-max normalised.
-Phase `main`: KD into a fresh student from the co-trained teacher whose lowest-salience `ratio` of features are
-replaced by their batch mean in every teacher forward.
+Phase `main`: KD into a fresh student from the co-trained teacher. By default the teacher is not masked, as in
+the authors' code (baselines quirk Q13: their hook ignores the mode 'freeze' it is given); with `masking: freeze`
+its lowest-salience `ratio` of features are replaced by their batch mean in every teacher forward (MFH's intent).
 """
 
 from __future__ import annotations
@@ -45,7 +46,10 @@ class MGDFRParams:
     `co_epochs` (authors 100), `repeat_permute` (authors 10) and `salience_batch_multiplier` (salience batch
     = multiplier × training batch; authors 6) per dataset; `co_lr`: co-training SGD lr (authors 1e-3;
     official MFH 1e-2). `ratio`: the fraction of teacher features (lowest salience) frozen to their batch mean
-    (0.75). `taps`: per teacher architecture, per student architecture, the teacher module whose output
+    (0.75) when `masking` is `freeze`. Switch `masking`: default `none` = what the authors' code does (baselines
+    quirk Q13: `main-MGDFR.py` asks its hook builder for mode 'freeze', whose hook handles only 'zero' and
+    'permute', so the teacher is never masked; the salience is still computed); `freeze` = MFH's intent,
+    the lowest-salience `ratio` of features frozen to their batch mean. `taps`: per teacher architecture, per student architecture, the teacher module whose output
     features are ranked. The main phase = KD (`temperature`, `alpha`, as `kd`).
     Switch `kd_form`: default `authors` ((1 − α)·CE + α·T²·KL, T = `temperature`, α-sched); `official` (MFH's
     code): KL(p_t ‖ p_s) at T = 1 only, no CE (batchmean; MFH's KLDivLoss 'mean' only divides by C more).
@@ -67,6 +71,7 @@ class MGDFRParams:
                                                                           "integers > 0 per dataset")})
     salience: Literal["all_batches", "last_batch"]
     ratio: float = field(metadata={"check": (lambda v: 0 <= v < 1, "a number in [0, 1)")})
+    masking: Literal["none", "freeze"]
     taps: PairTable[str]
     salience_taps: PairTable[str]
 
@@ -231,7 +236,7 @@ class MGDFR(DistillationMethod):
                  salience_tap: str | None = None, temperature: float,
                  alpha: AlphaParams, kd_form: str = "authors", co_lr: float = 1e-3, co_epochs: int = 100,
                  repeats: int = 10, salience_batch_multiplier: int = 6, salience: str = "all_batches",
-                 ratio: float = 0.75) -> None:
+                 ratio: float = 0.75, masking: str = "freeze") -> None:
         super().__init__(student)
         # co-training trains `teacher` and `co_student`; both leave the optimised set before the main phase
         self.teacher = teacher
@@ -247,6 +252,7 @@ class MGDFR(DistillationMethod):
         self.salience_batch_multiplier = salience_batch_multiplier
         self.salience_mode = salience
         self.ratio = ratio
+        self.masking = masking
         self.salience: torch.Tensor | None = None
         self.register_buffer("frozen_features", torch.empty(0, dtype=torch.long))
         self._freeze_handle = None
@@ -267,7 +273,7 @@ class MGDFR(DistillationMethod):
                              f"{shapes[salience_tap][0]} features but tap {tap!r} has {shapes[tap][0]}")
         return cls(setup.student, teacher, co_student, tap, salience_tap=salience_tap, temperature=p.temperature,
                    alpha=p.alpha, kd_form=p.kd_form, co_lr=p.co_lr, co_epochs=p.co_epochs[setup.dataset],
-                   repeats=p.repeat_permute[setup.dataset], salience=p.salience, ratio=p.ratio,
+                   repeats=p.repeat_permute[setup.dataset], salience=p.salience, ratio=p.ratio, masking=p.masking,
                    salience_batch_multiplier=p.salience_batch_multiplier[setup.dataset])
 
     def phases(self, context: RunContext) -> list[Phase]:
@@ -300,7 +306,10 @@ class MGDFR(DistillationMethod):
         for p in self.teacher.parameters():  # co-training's last gradients must not linger on a frozen teacher
             p.grad = None
         order = torch.argsort(self.salience, stable=True)
-        self.frozen_features = order[:int(self.ratio * len(order))].to(self.salience.device)
+        n_frozen = int(self.ratio * len(order)) if self.masking == "freeze" else 0  # `none`: the authors' code
+        self.frozen_features = order[:n_frozen].to(self.salience.device)
+        if n_frozen == 0:
+            return
         tap = self.teacher.body.get_submodule(self.tap)
         self._freeze_handle = tap.register_forward_hook(lambda _m, _i, out: freeze_features(out, self.frozen_features))
 

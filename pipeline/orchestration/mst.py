@@ -1,16 +1,18 @@
 """The stages of MST-Distill: its three phases (mst_s1, mst_s2, mst_s3), the stage ablation of paper Table 3
-(mst_ablation) and the top-k sweep of paper Fig. 6 (mst_topk_sweep). Each checks every checkpoint it will
+(mst_ablation), the top-k sweep of paper Fig. 6 (mst_topk_sweep) and the method variants of paper Tables 7
+and 8 and Fig. 5 (mst_variants). Each checks every checkpoint it will
 load before any training, then runs its independent runs side by side through `runs.run_method`."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
 
 from pipeline.io import check_writable
 from pipeline.methods.mst.method import MSTDistill
-from pipeline.methods.mst.settings import ABLATION_SETTINGS, STAGE_SETTINGS
+from pipeline.methods.mst.settings import ABLATION_SETTINGS, MST_VARIANTS, STAGE_SETTINGS
 from pipeline.methods.mst.specialist_adaptation import SpecialistMasks
 from pipeline.models.registry import Network
 from pipeline.orchestration.config import Params
@@ -25,8 +27,8 @@ def _mst_params(params: Params):
     return params.method("mst")
 
 
-def mst_collaborative_init(params: Params, loaded: LoadedDataset, models_dir: Path,
-                           tracker: Tracker) -> list[RunRecord]:
+def mst_collaborative_init(params: Params, loaded: LoadedDataset, models_dir: Path, tracker: Tracker, *,
+                           stage: str = "mst_s1", setting: str = "default") -> list[RunRecord]:
     """Phase 1 per seed (shared by both targets); saves models_dir/seed<s>/{mm,m1,m2}.pt."""
     mst = _mst_params(params)
     check_writable(models_dir)
@@ -34,9 +36,9 @@ def mst_collaborative_init(params: Params, loaded: LoadedDataset, models_dir: Pa
     def job(seed: int):
         def run(tracker: Tracker) -> list[RunRecord]:
             # every network is trained here, whatever the teacher set of the later phases
-            return run_method(params, loaded, tracker, stage="mst_s1", method="mst", teacher="mm+cm",
+            return run_method(params, loaded, tracker, stage=stage, method="mst", teacher="mm+cm",
                               target=None, seed=seed, config=params.teacher_training[loaded.spec.key],
-                              phase="collaborative_init",
+                              phase="collaborative_init", setting=setting,
                               save={role: network_path(models_dir, seed, role) for role in ROLES},
                               setup=lambda: make_setup(loaded, params, seed, method="mst", target="m1",
                                                        teacher_config="mm+cm", student=None,
@@ -63,15 +65,15 @@ def _specialist_run(params: Params, loaded: LoadedDataset, tracker: Tracker, *, 
 
 
 def mst_specialist_adaptation(params: Params, loaded: LoadedDataset, stage1_dir: Path, masks_dir: Path,
-                              tracker: Tracker) -> list[RunRecord]:
+                              tracker: Tracker, *, stage: str = "mst_s2", setting: str = "default") -> list[RunRecord]:
     """Phase 2 per seed and target on the phase-1 networks (mst_s1); saves masks_dir/seed<s>/<target>.pt."""
     check_networks(loaded, params, stage1_dir)
     check_writable(masks_dir)
 
     def job(seed: int, target: str):
         def run(tracker: Tracker) -> RunRecord:
-            return _specialist_run(params, loaded, tracker, stage="mst_s2", networks_dir=stage1_dir, seed=seed,
-                                   target=target, save=masks_path(masks_dir, seed, target)).records[0]
+            return _specialist_run(params, loaded, tracker, stage=stage, networks_dir=stage1_dir, seed=seed,
+                                   target=target, setting=setting, save=masks_path(masks_dir, seed, target)).records[0]
         return run
 
     return run_jobs(params, loaded, [job(seed, target) for seed in params.seeds for target in ("m1", "m2")], tracker)
@@ -95,7 +97,7 @@ def _distillation_run(params: Params, loaded: LoadedDataset, tracker: Tracker, *
         mst = _mst_params(params).with_topk(topk)
     except BlockError as err:
         raise fail("params.yaml", "topk", err.message) from None
-    s1 = STAGE_SETTINGS[setting].s1
+    s1 = STAGE_SETTINGS[setting].s1 if setting in STAGE_SETTINGS else True  # a method variant: the full method
 
     def setup():
         networks = _networks(loaded, networks_dir, seed)
@@ -105,7 +107,8 @@ def _distillation_run(params: Params, loaded: LoadedDataset, tracker: Tracker, *
                                  else _restored_masks(params, loaded, networks, masks, target, seed))
         student = None if s1 else loaded.role_network(target)
         return make_setup(loaded, params, seed, method="mst", target=target, teacher_config="mm+cm", student=student,
-                          phase="dynamic_distillation", setting=setting, restored=restored, method_params=mst)
+                          phase="dynamic_distillation", setting=setting if setting in STAGE_SETTINGS else "full",
+                          restored=restored, method_params=mst)
 
     return run_method(params, loaded, tracker, stage=stage, method="mst", teacher=mst.teacher_set, target=target,
                       seed=seed, config=params.training[loaded.spec.key], phase="dynamic_distillation",
@@ -114,7 +117,7 @@ def _distillation_run(params: Params, loaded: LoadedDataset, tracker: Tracker, *
 
 def mst_dynamic_distillation(params: Params, loaded: LoadedDataset, stage1_dir: Path, masks_dir: Path,
                              tracker: Tracker, topks: list[int] | None = None,
-                             stage: str = "mst_s3") -> list[RunRecord]:
+                             stage: str = "mst_s3", setting: str = "full") -> list[RunRecord]:
     """Phase 3 per seed and target (the MST-Distill rows of Table 1), once per k in `topks` (default: the
     top-level `topk`); each record carries the per-epoch routing fractions for paper Fig. 4."""
     check_networks(loaded, params, stage1_dir)
@@ -123,7 +126,7 @@ def mst_dynamic_distillation(params: Params, loaded: LoadedDataset, stage1_dir: 
 
     def job(seed: int, target: str, k: int):
         def run(tracker: Tracker) -> RunRecord:
-            return _distillation_run(params, loaded, tracker, stage=stage, seed=seed, target=target, setting="full",
+            return _distillation_run(params, loaded, tracker, stage=stage, seed=seed, target=target, setting=setting,
                                      networks_dir=stage1_dir, masks=masks_path(masks_dir, seed, target), topk=k)
         return run
 
@@ -174,3 +177,38 @@ def topk_sweep(params: Params, loaded: LoadedDataset, stage1_dir: Path, masks_di
     return mst_dynamic_distillation(params, loaded, stage1_dir, masks_dir, tracker, topks=list(range(1, n + 1)),
                                     stage="mst_topk_sweep")
 
+
+
+def with_mst_overrides(params: Params, overrides: dict) -> Params:
+    """`params` with fields of the `mst` block replaced (a method variant)."""
+    return dataclasses.replace(params, blocks={**params.blocks,
+                                               "mst": dataclasses.replace(params.blocks["mst"], **overrides)})
+
+
+def mst_variants(params: Params, loaded: LoadedDataset, stage1_dir: Path, masks_dir: Path, models_dir: Path,
+                 tracker: Tracker) -> list[RunRecord]:
+    """Every method variant of `MST_VARIANTS` (paper Tables 7, 8 and Fig. 5), per seed and target: the phases
+    from the first one the variant changes, on the default pipeline's earlier phases (mst_s1 networks, mst_s2
+    MaskNets); a variant's own networks and MaskNets go to models_dir/<variant>/."""
+    check_networks(loaded, params, stage1_dir)
+    check_masks(params, masks_dir)
+    check_writable(models_dir)
+    for name, variant in MST_VARIANTS.items():  # every variant's params are valid before any training
+        try:
+            with_mst_overrides(params, variant.overrides).method("mst").with_topk(params.topk)
+        except BlockError as err:
+            raise fail("params.yaml", f"mst (variant {name})", err.message) from None
+    records: list[RunRecord] = []
+    for name, variant in MST_VARIANTS.items():
+        varied = with_mst_overrides(params, variant.overrides)
+        networks, masks = stage1_dir, masks_dir
+        if variant.first_phase == "collaborative_init":
+            networks = models_dir / name / "stage1"
+            records += mst_collaborative_init(varied, loaded, networks, tracker, stage="mst_variants", setting=name)
+        if variant.first_phase in ("collaborative_init", "specialist_adaptation"):
+            masks = models_dir / name / "stage2"
+            records += mst_specialist_adaptation(varied, loaded, networks, masks, tracker, stage="mst_variants",
+                                                 setting=name)
+        records += mst_dynamic_distillation(varied, loaded, networks, masks, tracker, stage="mst_variants",
+                                            setting=name)
+    return records

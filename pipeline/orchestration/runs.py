@@ -28,9 +28,10 @@ from pipeline.orchestration.config import Params
 from pipeline.reporting.figures import confusion_matrix_png, routing_curves_png
 from pipeline.tracking.base import Tracker
 from pipeline.training.checkpoints import save_checkpoint, save_module_state
-from pipeline.training.engine import TrainResult, train
+from pipeline.training.engine import STOP_NON_FINITE, TrainResult, train
+from pipeline.training.health import assess
 from pipeline.training.phases import RunContext
-from pipeline.training.runtime import seed_everything
+from pipeline.training.runtime import PeakMemory, seed_everything
 from pipeline.training.settings import TrainingParams
 
 ROLES = ("mm", "m1", "m2")
@@ -41,7 +42,10 @@ class RunRecord:
     """One trained network's outcome, as stored in results/<dataset>/<file>.json (one schema for every
     stage and method). `target` is the network's modality name ("image", "audio", or "multimodal");
     `setting` names a variant (teachers stage: "teacher" or "wo_kd"; MST-Distill: its Table 3 setting);
-    `curve` holds the per-epoch training loss and validation metrics of the run's last phase."""
+    `curve` holds the per-epoch training loss and validation metrics of the run's last phase; `epochs`
+    the epochs that phase ran (of `max_epochs`) and `stopped` why it ended (completed, early_stopping,
+    non_finite_loss). `health` is the network's verdict (training/health.py), `run_name` its MLflow run,
+    `cost` the run's wall time and peak memory (the only fields that differ between identical reruns)."""
 
     dataset: str
     stage: str
@@ -59,6 +63,11 @@ class RunRecord:
     best_val_accuracy: float | None
     extras: dict[str, Any] = field(default_factory=dict)
     curve: list[dict[str, float]] = field(default_factory=list)
+    max_epochs: int = 0
+    stopped: str = "completed"
+    health: dict[str, Any] = field(default_factory=dict)
+    run_name: str = ""
+    cost: dict[str, float | None] = field(default_factory=dict)
 
 
 @dataclass
@@ -137,7 +146,7 @@ def run_method(params: Params, loaded: LoadedDataset, tracker: Tracker, *, stage
                          spec.num_classes, torch.Generator().manual_seed(seed), selection=params.engine.selection,
                          # validation batches have the training batch size, as in the authors' loaders: the
                          # selection score is a mean of per-batch means (quirk Q9)
-                         eval_batch_size=config.batch_size)
+                         eval_batch_size=config.batch_size, patience=config.patience, min_epochs=config.min_epochs)
     seed_everything(seed, params.deterministic)
     run_setup = setup()
     built = cls.from_setup(run_setup)
@@ -154,10 +163,14 @@ def run_method(params: Params, loaded: LoadedDataset, tracker: Tracker, *, stage
                   "deterministic": params.deterministic, **method_block, **(run_params or {})}
     with tracker.run(name, all_params, tags) as run:
         started = time.perf_counter()
-        result = train(built, context, log=lambda phase_name, epoch, metrics: run.log_metrics(
-            {f"{phase_name}/{k}": v for k, v in metrics.items()}, step=epoch))
+        with PeakMemory(loaded.data.device) as memory:
+            result = train(built, context, log=lambda phase_name, epoch, metrics: run.log_metrics(
+                {f"{phase_name}/{k}": v for k, v in metrics.items()}, step=epoch))
+        cost = {"train_s": round(time.perf_counter() - started, 3), "peak_mb": memory.peak_mb,
+                "device": str(loaded.data.device)}
         extras = built.run_extras(result)
-        summary = {"best_epoch": result.final.best_epoch, "wall_time_s": time.perf_counter() - started}
+        summary = {"best_epoch": result.final.best_epoch, "epochs_run": result.final.epochs,
+                   "wall_time_s": cost["train_s"], **({"peak_memory_mb": memory.peak_mb} if memory.peak_mb else {})}
         for role, evaluation in result.test.items():
             suffix = "" if role == "student" else f"_{spec.modality_name(role)}"
             summary.update({f"test_accuracy{suffix}": evaluation.accuracy, f"test_loss{suffix}": evaluation.loss,
@@ -175,12 +188,21 @@ def run_method(params: Params, loaded: LoadedDataset, tracker: Tracker, *, stage
                 save_module_state(path, module)
     final = result.final
     common = dict(dataset=spec.key, stage=stage, method=method, phase=final.name, setting=setting, teacher=teacher,
-                  seed=seed, epochs=final.epochs, best_epoch=final.best_epoch, extras=extras)
+                  seed=seed, epochs=final.epochs, best_epoch=final.best_epoch, extras=extras,
+                  max_epochs=final.max_epochs, stopped=final.stopped, run_name=name, cost=cost)
     curve = [{k: v for k, v in epoch.items() if k in ("epoch", "train_loss", "val_loss", "val_accuracy")}
              for epoch in final.history]
+    non_finite = any(p.stopped == STOP_NON_FINITE for p in result.phases)
+    n_val = len(loaded.splits[seed]["val"])
+
+    def health(role: str | None, confusion: np.ndarray | None) -> dict[str, Any]:
+        key = "val_accuracy" if role in (None, "student") else f"val_{role}_accuracy"
+        accuracies = [epoch[key] for epoch in final.history if key in epoch] or None
+        return assess(accuracies, confusion, non_finite, spec.num_classes, n_val).as_dict()
+
     if not result.test:  # nothing evaluated on test (e.g. MST-Distill's MaskNets)
         records = [RunRecord(target=target_name, test_accuracy=None, test_accuracy_last=None, best_val_loss=None,
-                             best_val_accuracy=None, curve=curve, **common)]
+                             best_val_accuracy=None, curve=curve, health=health(None, None), **common)]
     else:
         records = []
         for role, evaluation in result.test.items():
@@ -190,7 +212,7 @@ def run_method(params: Params, loaded: LoadedDataset, tracker: Tracker, *, stage
                 best_val_loss=final.best_metrics.get("val_loss", final.best_metrics.get(f"val_{role}_loss")),
                 best_val_accuracy=final.best_metrics.get("val_accuracy",
                                                          final.best_metrics.get(f"val_{role}_accuracy")),
-                curve=curve if role == "student" else [], **common))
+                curve=curve if role == "student" else [], health=health(role, evaluation.confusion), **common))
     return RunOutcome(records, built, result)
 
 

@@ -77,3 +77,35 @@ def topk_sweep_png(ks: list[int], means: dict[str, list[float]], stds: dict[str,
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def box_plots_png(panels: dict[str, dict[str, list[float]]], path: Path, title: str,
+                  reference: dict[str, float] | None = None, reference_label: str = "") -> Path:
+    """One panel per key of `panels` (e.g. a target modality), one box per group holding its values over
+    seeds (test accuracy, %), the seeds drawn as points; `reference` draws a dashed line per panel (e.g.
+    the w/o KD mean)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.6 + 2.0 * len(panels), 3.3), dpi=100, squeeze=False)
+    for ax, (panel, groups) in zip(axes[0], panels.items()):
+        labels = list(groups)
+        ax.boxplot([groups[g] for g in labels], widths=0.5)
+        ax.set_xticks(range(1, len(labels) + 1), labels)
+        for i, label in enumerate(labels, start=1):
+            ax.scatter(np.full(len(groups[label]), i) + np.linspace(-0.08, 0.08, len(groups[label])),
+                       groups[label], s=10, color="tab:blue", zorder=3)
+        if reference and panel in reference:
+            ax.axhline(reference[panel], color="tab:red", linestyle="--", linewidth=1, label=reference_label)
+            ax.legend(fontsize=7, loc="lower right")
+        ax.set(title=panel, ylabel="test accuracy (%)")
+        ax.title.set_fontsize(9)
+        ax.tick_params(labelsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -3,7 +3,8 @@ Table 3 (rows from MST-Distill's stage settings), the teachers table, the top-k 
 figures (Fig. 4), the DVC metrics and the DVC plot data.
 
 Cells are test accuracy of the selected checkpoint in percent, mean ± sample standard deviation over
-seeds; in each column the best row is bold and the second best underlined, as in the paper.
+seeds; in each column the best row is bold and the second best underlined, as in the paper. A cell with
+a seed whose run health is flagged (training/health.py) carries † and a caption line saying how many.
 """
 
 from __future__ import annotations
@@ -74,6 +75,37 @@ def summarise(values: list[float]) -> dict[str, float]:
     return {"mean": round(float(array.mean()), 4), "std": round(std, 4), "n": len(array)}
 
 
+def problems_of(run: dict) -> list[str]:
+    """The health problems of a run record ([] when healthy or when the record predates run health)."""
+    return list(run.get("health", {}).get("problems", []))
+
+
+def summarise_runs(cell: list[dict]) -> dict:
+    """`summarise` of the runs' test accuracy, plus `flagged`: {problem: number of seeds with it}."""
+    out = summarise([r["test_accuracy"] for r in cell])
+    flagged: dict[str, int] = {}
+    for run in cell:
+        for problem in problems_of(run):
+            flagged[problem] = flagged.get(problem, 0) + 1
+    if flagged:
+        out["flagged"] = dict(sorted(flagged.items()))
+    return out
+
+
+def _flag_caption(label: str, cell: dict) -> str:
+    what = "; ".join(f"{k} of {cell['n']} seeds {problem.replace('_', ' ')}"
+                     for problem, k in cell["flagged"].items())
+    return f"† {label}: {what}."
+
+
+def flag_captions(cells: list[tuple[str, dict | None]]) -> list[str]:
+    """One caption line per flagged cell, `cells` as (label, cell)."""
+    lines = [_flag_caption(label, cell) for label, cell in cells if cell and cell.get("flagged")]
+    if lines:
+        lines = ["", *lines, "Flagged runs, with their MLflow run names: reports/health.md."]
+    return lines
+
+
 def _columns(datasets: list[str]) -> list[tuple[str, str]]:
     return [(d, dataset_spec(d).modalities[t]) for d in datasets for t in TARGETS]
 
@@ -87,7 +119,7 @@ def table1(runs: list[dict], datasets: list[str]) -> dict:
             cell = sorted((r for r in runs if r["dataset"] == dataset and r["target"] == modality and row.matches(r)),
                           key=lambda r: r["seed"])
             if cell:
-                column[row.key] = summarise([r["test_accuracy"] for r in cell])
+                column[row.key] = summarise_runs(cell)
     return out
 
 
@@ -107,7 +139,8 @@ def _cell_text(cell: dict | None, mark: str | None) -> str:
     if cell is None:
         return "–"
     text = f"{cell['mean']:.2f} ± {cell['std']:.2f}"
-    return f"**{text}**" if mark == "best" else f"<u>{text}</u>" if mark == "second" else text
+    text = f"**{text}**" if mark == "best" else f"<u>{text}</u>" if mark == "second" else text
+    return text + " †" if cell.get("flagged") else text
 
 
 def table1_markdown(summary: dict, datasets: list[str]) -> str:
@@ -122,6 +155,8 @@ def table1_markdown(summary: dict, datasets: list[str]) -> str:
     lines += ["", f"Test accuracy (%) of the checkpoint with the lowest validation loss, mean ± sample std over "
                   f"{'/'.join(map(str, n_seeds))} seeds. **Bold**: best; <u>underlined</u>: second best. "
                   "MM: multimodal teacher; CM: cross-modal (other-modality) teacher."]
+    lines += flag_captions([(f"{row.label}, {dataset_spec(d).display_name} {m}", summary[d][m].get(row.key))
+                            for row in table1_rows() for d, m in columns])
     return "\n".join(lines) + "\n"
 
 
@@ -184,7 +219,7 @@ def table3(runs: list[dict], datasets: list[str]) -> dict:
             if not cell_runs:
                 continue
             names = [spec.modalities[t] for t in TARGETS]
-            row = {m: summarise([r["test_accuracy"] for r in cell_runs if r["target"] == m])
+            row = {m: summarise_runs([r for r in cell_runs if r["target"] == m])
                    for m in names if any(r["target"] == m for r in cell_runs)}
             seeds = sorted({r["seed"] for r in cell_runs})
             per_seed = [float(np.mean([r["test_accuracy"] for r in cell_runs if r["seed"] == s])) for s in seeds]
@@ -207,6 +242,9 @@ def table3_markdown(summary: dict, datasets: list[str]) -> str:
                   "trained independently, the student starts from scratch). S2: specialised MaskNet teachers (off: "
                   "the plain multimodal and cross-modal teachers). S3: GateNet top-k routing (off: the teachers' "
                   "distillation signals averaged). **Bold**: best; <u>underlined</u>: second best."]
+    lines += flag_captions([(f"{setting.label}, {dataset_spec(d).display_name} {m}",
+                             summary.get(d, {}).get(key, {}).get(m))
+                            for key, setting in STAGE_SETTINGS.items() for d, m in _columns(datasets)])
     return "\n".join(lines) + "\n"
 
 
@@ -252,8 +290,12 @@ def routing_summary(runs: list[dict], dataset: str, modality: str) -> tuple[np.n
             and r["extras"].get("routing")]
     if not cell:
         return None
-    stacked = np.array([r["extras"]["routing"] for r in cell], dtype=np.float64)
-    return stacked.mean(axis=0), stacked.std(axis=0), list(cell[0]["extras"]["specialists"])
+    # early stopping ends runs at different epochs: each epoch averages the runs still training
+    series = [np.asarray(r["extras"]["routing"], dtype=np.float64) for r in cell]
+    stacked = np.full((len(series), max(len(s) for s in series), series[0].shape[1]), np.nan)
+    for i, s in enumerate(series):
+        stacked[i, :len(s)] = s
+    return np.nanmean(stacked, axis=0), np.nanstd(stacked, axis=0), list(cell[0]["extras"]["specialists"])
 
 
 def learning_curves(runs: list[dict], dataset: str, modality: str) -> tuple[list[str], np.ndarray] | None:
@@ -262,13 +304,23 @@ def learning_curves(runs: list[dict], dataset: str, modality: str) -> tuple[list
     for row in table1_rows():
         cell = [r for r in runs if r["dataset"] == dataset and r["target"] == modality and row.matches(r)
                 and r.get("curve")]
-        if not cell or len({len(r["curve"]) for r in cell}) != 1:
+        if not cell:
             continue
         keys.append(row.key)
-        curves.append(np.mean([[100.0 * e["val_accuracy"] for e in r["curve"]] for r in cell], axis=0))
-    if not keys or len({len(c) for c in curves}) != 1:
+        curves.append(_ragged_mean([[100.0 * e["val_accuracy"] for e in r["curve"]] for r in cell]))
+    if not keys:
         return None
-    return keys, np.stack(curves, axis=1)
+    length = max(len(c) for c in curves)
+    return keys, np.stack([np.pad(c, (0, length - len(c)), constant_values=np.nan) for c in curves], axis=1)
+
+
+def _ragged_mean(series: list[list[float]]) -> np.ndarray:
+    """Per-epoch mean over the runs still training at that epoch (early stopping ends runs at different epochs)."""
+    length = max(len(s) for s in series)
+    padded = np.full((len(series), length), np.nan)
+    for i, s in enumerate(series):
+        padded[i, :len(s)] = s
+    return np.nanmean(padded, axis=0)
 
 
 def metrics_summary(t1: dict, t3: dict) -> dict:
@@ -286,67 +338,3 @@ def metrics_summary(t1: dict, t3: dict) -> dict:
         cells = {k: settings[k]["mean"]["mean"] for k in ("baseline", "full") if k in settings}
         out.setdefault(dataset, {})["table3_mean"] = cells
     return out
-
-
-def _csv_text(header: list[str], rows: list[list]) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
-    return buffer.getvalue()
-
-
-def write_reports(results_dir: Path, out_dir: Path, datasets: list[str]) -> dict:
-    """Write Table 1 and Table 3 (.md, .csv), teachers.md, the top-k sweep (.md), metrics.json, the
-    figures (figures/*.png) and the DVC plot data (plots/*.csv) under `out_dir`; return the metrics. Every
-    text is computed before anything is written."""
-    from pipeline.reporting.figures import routing_curves_png, topk_sweep_png
-
-    runs = read_runs(results_dir, datasets)
-    t1, t3, teachers = table1(runs, datasets), table3(runs, datasets), teachers_summary(runs, datasets)
-    metrics = metrics_summary(t1, t3)
-    outputs = {"table1.md": table1_markdown(t1, datasets), "table1.csv": table1_csv(t1, datasets),
-               "table3.md": table3_markdown(t3, datasets), "table3.csv": table3_csv(t3, datasets),
-               "teachers.md": teachers_markdown(teachers),
-               "metrics.json": json.dumps(metrics, indent=2, sort_keys=True) + "\n"}
-    figures = []
-    sweeps = []
-    for dataset in datasets:
-        spec = dataset_spec(dataset)
-        sweep = topk_summary(runs, dataset)
-        if sweep:
-            sweeps.append(topk_markdown(sweep, dataset))
-            ks = list(next(iter(sweep.values())))
-            outputs[f"plots/topk_{dataset}.csv"] = _csv_text(
-                ["k", *[f"{m}_mean" for m in sweep], *[f"{m}_std" for m in sweep]],
-                [[k, *[sweep[m][k]["mean"] for m in sweep], *[sweep[m][k]["std"] for m in sweep]] for k in ks])
-            figures.append(lambda d=dataset, s=sweep, ks=ks: topk_sweep_png(
-                ks, {m: [s[m][k]["mean"] for k in ks] for m in s}, {m: [s[m][k]["std"] for k in ks] for m in s},
-                out_dir / "figures" / f"topk_sweep_{d}.png", f"{dataset_spec(d).display_name}: MST-Distill top-k sweep"))
-        for target in TARGETS:
-            modality = spec.modalities[target]
-            routing = routing_summary(runs, dataset, modality)
-            if routing is not None:
-                mean, std, labels = routing
-                outputs[f"plots/routing_{dataset}_{modality}.csv"] = _csv_text(
-                    ["epoch", *labels], [[e + 1, *map(float, row)] for e, row in enumerate(mean)])
-                n = len({r["seed"] for r in runs if r["stage"] == "mst_s3" and r["dataset"] == dataset})
-                figures.append(lambda m=mean, s=std, lab=labels, mod=modality, n=n, spec=spec: routing_curves_png(
-                    m, lab, out_dir / "figures" / f"routing_{spec.key}_{mod}.png",
-                    f"{spec.display_name}, {mod} student: share of top-k picks\n"
-                    f"per specialised teacher (mean ± std over {n} seeds)", spread=s))
-            curves = learning_curves(runs, dataset, modality)
-            if curves is not None:
-                keys, values = curves
-                outputs[f"plots/learning_curves_{dataset}_{modality}.csv"] = _csv_text(
-                    ["epoch", *keys], [[e + 1, *[round(float(v), 4) for v in row]] for e, row in enumerate(values)])
-    outputs["topk_sweep.md"] = "\n".join(sweeps) if sweeps else "No top-k sweep results.\n"
-    for name, text in outputs.items():
-        path = out_dir / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
-    for draw in figures:
-        draw()
-    return metrics

@@ -3,7 +3,10 @@
 Every phase is the same loop: shuffled index-slice batches of the training split, one optimiser step
 per batch on the sum of the phase's named loss terms, validation after every epoch, and the phase's
 selection rule (for the main phase of every method: the lowest validation cross-entropy of the student,
-the authors' rule, quirk Q9, or by switch the highest validation accuracy). After the last phase the
+the authors' rule, quirk Q9, or by switch the highest validation accuracy). A phase with `patience` stops
+once its selection score has not improved for that many epochs (never before `min_epochs`); a phase whose
+training loss turns non-finite stops at that epoch (later epochs could only train NaNs) and keeps the
+weights it had selected before, as the authors' min-val-loss rule would. After the last phase the
 networks the method names are evaluated on the test split twice: with the last epoch's weights and with
 the selected ones (the reported number).
 
@@ -40,14 +43,21 @@ class Trainable(Protocol):
     def evaluated_networks(self) -> dict[str, Network]: ...
 
 
+STOP_COMPLETED = "completed"          # every epoch ran
+STOP_EARLY = "early_stopping"          # the selection score stopped improving (patience)
+STOP_NON_FINITE = "non_finite_loss"    # the training loss became NaN or infinite
+
+
 @dataclass
 class PhaseResult:
     name: str
-    epochs: int
+    epochs: int                        # epochs that ran
     best_epoch: int
     best_metrics: dict[str, float]
     history: list[dict[str, float]] = field(default_factory=list)
     best_states: list[dict[str, torch.Tensor]] | None = None
+    stopped: str = STOP_COMPLETED
+    max_epochs: int = 0                # the phase's budget
 
 
 @dataclass
@@ -64,7 +74,8 @@ class TrainResult:
 def optimise_epoch(loss_terms: Callable[[Batch], Mapping[str, torch.Tensor]], batches: Iterable[Batch],
                    optimizer: torch.optim.Optimizer, epoch: int) -> dict[str, float]:
     """One pass of gradient steps on the sum of the named loss terms; returns each term's epoch mean of
-    per-batch means (the authors' convention) as `train_<name>`, plus `train_loss`."""
+    per-batch means (the authors' convention) as `train_<name>`, plus `train_loss` (which may be non-finite:
+    the caller decides)."""
     sums: dict[str, torch.Tensor] = {}
     n_batches = 0
     for batch in batches:
@@ -78,10 +89,7 @@ def optimise_epoch(loss_terms: Callable[[Batch], Mapping[str, torch.Tensor]], ba
             sums[f"train_{name}"] = sums.get(f"train_{name}", 0.0) + value.detach()
     if n_batches == 0:
         raise ValueError(f"epoch {epoch}: the training split is empty")
-    metrics = {name: total.item() / n_batches for name, total in sums.items()}
-    if not math.isfinite(metrics["train_loss"]):
-        raise FloatingPointError(f"epoch {epoch}: the training loss is not finite ({metrics})")
-    return metrics
+    return {name: total.item() / n_batches for name, total in sums.items()}
 
 
 def run_phase(phase: Phase, context: RunContext, log: PhaseLog | None = None,
@@ -92,6 +100,7 @@ def run_phase(phase: Phase, context: RunContext, log: PhaseLog | None = None,
     optimizer = phase.optimizer()
     best_score, best_epoch, best_states, best_metrics = math.inf, -1, None, {}
     history: list[dict[str, float]] = []
+    stopped = STOP_COMPLETED
     for epoch in range(phase.epochs):
         for module in phase.train_modules:
             module.train()
@@ -99,6 +108,12 @@ def run_phase(phase: Phase, context: RunContext, log: PhaseLog | None = None,
             module.eval()
         metrics = optimise_epoch(lambda batch: phase.loss_terms(batch, epoch),
                                  context.batches("train", phase.batch_size, shuffle=True), optimizer, epoch)
+        if not math.isfinite(metrics["train_loss"]):
+            history.append({"epoch": epoch, **metrics, "best_epoch": best_epoch})
+            if log is not None:
+                log(phase.name, epoch, history[-1])
+            stopped = STOP_NON_FINITE
+            break
         if phase.validate is not None:
             metrics.update(phase.validate(epoch))
         if phase.epoch_values is not None:
@@ -114,6 +129,9 @@ def run_phase(phase: Phase, context: RunContext, log: PhaseLog | None = None,
         history.append({"epoch": epoch, **metrics})
         if log is not None:
             log(phase.name, epoch, metrics)
+        if _patience_ran_out(phase, epoch, best_epoch):
+            stopped = STOP_EARLY
+            break
     if before_restore is not None:
         before_restore()
     if best_states is not None:
@@ -121,7 +139,16 @@ def run_phase(phase: Phase, context: RunContext, log: PhaseLog | None = None,
             module.load_state_dict(state)
     if phase.after is not None:
         phase.after()
-    return PhaseResult(phase.name, phase.epochs, best_epoch, best_metrics, history, best_states)
+    return PhaseResult(phase.name, len(history), best_epoch, best_metrics, history, best_states, stopped,
+                       phase.epochs)
+
+
+def _patience_ran_out(phase: Phase, epoch: int, best_epoch: int) -> bool:
+    """Early stopping: the score has not improved for `patience` epochs, `min_epochs` have run, and some
+    epoch was selected (a phase whose scores are all infinite, e.g. before C²KD's late selection window,
+    never stops early)."""
+    return (phase.patience > 0 and best_epoch >= 0 and epoch + 1 >= phase.min_epochs
+            and epoch - best_epoch >= phase.patience)
 
 
 def train(method: Trainable, context: RunContext, log: PhaseLog | None = None) -> TrainResult:

@@ -33,12 +33,14 @@ class RunContext:
     data: DeviceDataset
     split: dict[str, torch.Tensor]            # "train", "val", "test" positions in the full dataset
     batch_size: int
-    epochs: int                               # the run's main-phase epochs
+    epochs: int                               # the run's main-phase epochs (its budget)
     lr: float
     num_classes: int
     generator: torch.Generator
     selection: str = "val_loss"               # engine.selection: val_loss | val_accuracy
     eval_batch_size: int | None = None        # validation batch (the authors: the training batch)
+    patience: int = 0                         # main-phase early stopping (0: off)
+    min_epochs: int = 0
 
     @property
     def device(self) -> torch.device:
@@ -69,7 +71,8 @@ class Phase:
     is better; None keeps the last epoch. `selected`: modules whose weights are snapshotted at the best
     epoch and restored at the end of the phase. `before()` / `after()`: once at the start / end (caches,
     a salience pass, dropping helper modules). `epoch_values(epoch)`: scalars to log (loss weights).
-    `frozen`: modules kept in eval mode through the phase. `batch_size`: default the run's."""
+    `frozen`: modules kept in eval mode through the phase. `batch_size`: default the run's. `patience`,
+    `min_epochs`: early stopping on the selection score (0: run every epoch)."""
 
     name: str
     epochs: int
@@ -84,3 +87,5 @@ class Phase:
     after: Callable[[], None] | None = None
     epoch_values: Callable[[int], dict[str, float]] | None = None
     frozen: Sequence[nn.Module] = field(default_factory=tuple)   # kept in eval mode through the phase
+    patience: int = 0
+    min_epochs: int = 0

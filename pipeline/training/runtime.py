@@ -35,3 +35,50 @@ def seed_everything(seed: int, deterministic: bool = True) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
+
+
+class PeakMemory:
+    """Peak memory of the code run inside `with PeakMemory(device) as meter:`, in MiB, as `meter.peak_mb`:
+    CUDA's peak allocation above what was allocated at entry, or on a CPU the growth of the process's
+    peak resident set (VmHWM, reset at entry through /proc/self/clear_refs) over its resident size at
+    entry. None where the platform offers neither (the figure is informative, never required)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.peak_mb: float | None = None
+        self._base: int | None = None
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+        else:
+            try:
+                with open("/proc/self/clear_refs", "w") as handle:
+                    handle.write("5")  # resets VmHWM to the current resident size
+                self._base = _status_kib("VmRSS") * 1024
+            except OSError:
+                self._base = None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._base is None:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            try:
+                peak = _status_kib("VmHWM") * 1024
+            except OSError:
+                return
+        self.peak_mb = round(max(peak - self._base, 0) / 2**20, 1)
+
+
+def _status_kib(field_name: str) -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    raise OSError(f"{field_name} not in /proc/self/status")

@@ -6,17 +6,25 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from pipeline.params import POSITIVE
+from pipeline.params import NON_NEGATIVE, POSITIVE, BlockError
 
 
 @dataclass(frozen=True)
 class TrainingParams:
-    """Optimisation of the networks trained on one dataset: epochs, batch size and the Adam learning rate
-    (constant; the authors use no schedule)."""
+    """Optimisation of the networks trained on one dataset: the epoch budget, batch size and the Adam
+    learning rate (constant; the authors use no schedule). `patience` > 0 stops the main phase once its
+    selection score has not improved for that many epochs, but never before `min_epochs` (a slow start,
+    such as RKD's or CRD's initial plateau, is not cut short); 0 runs every epoch, as the authors do."""
 
     epochs: int = field(metadata=POSITIVE)
     batch_size: int = field(metadata=POSITIVE)
     lr: float = field(metadata=POSITIVE)
+    patience: int = field(default=0, metadata=NON_NEGATIVE)
+    min_epochs: int = field(default=0, metadata=NON_NEGATIVE)
+
+    def validate(self) -> None:
+        if self.min_epochs > self.epochs:
+            raise BlockError("min_epochs", f"must not exceed epochs ({self.epochs})")
 
 
 @dataclass(frozen=True)

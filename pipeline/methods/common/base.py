@@ -159,7 +159,7 @@ class DistillationMethod(nn.Module):
         return Phase(self.main_phase_name, context.epochs, self.loss_terms,
                      lambda: self.configure_optimizer(context.lr), train_modules=[self], validate=validate,
                      score=score, selected=[self.student], before=lambda: self.prepare(context),
-                     epoch_values=self.epoch_values)
+                     epoch_values=self.epoch_values, patience=context.patience, min_epochs=context.min_epochs)
 
     def phases(self, context: RunContext) -> list[Phase]:
         """The phases of one run, in order (default: the main phase alone)."""
