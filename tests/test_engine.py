@@ -275,3 +275,14 @@ def test_a_non_finite_training_loss_stops_the_phase_and_keeps_the_earlier_select
     assert result.stopped == "non_finite_loss" and result.epochs == 3 and result.best_epoch == 1
     assert max(seen) == 2  # nothing trained after the non-finite epoch
     assert result.history[-1]["epoch"] == 2 and "val_loss" not in result.history[-1]
+
+
+def test_peak_memory_sees_a_transient_allocation_on_cpu():
+    from pipeline.training.runtime import PeakMemory
+
+    with PeakMemory(torch.device("cpu")) as meter:
+        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched, then freed
+        del block
+    if meter.peak_mb is None:
+        pytest.skip("this platform exposes no /proc/self/clear_refs")
+    assert 48 <= meter.peak_mb <= 200

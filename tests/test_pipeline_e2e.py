@@ -257,8 +257,9 @@ def test_misspelled_param_fails_before_training(clone):
 def test_topk_override_reruns_only_stage_3(clone):
     out = _run(["dvc", "exp", "run", "-S", "topk=2", "-n", "top2"], clone).stdout
     ran = re.findall(r"Running stage '([^']+)'", out)
-    # the ablation's settings with phase 3 route top-k too; phases 1 and 2, the sweep and the baselines are reused
-    assert sorted(ran) == ["mst_ablation@av_digits", "mst_s3@av_digits", "report"], out
+    # the ablation's settings and the method variants route top-k too; phases 1 and 2, the sweep and the
+    # baselines are reused
+    assert sorted(ran) == ["mst_ablation@av_digits", "mst_s3@av_digits", "mst_variants@av_digits", "report"], out
     shown = _run(["dvc", "exp", "show", "--json"], clone).stdout
     assert "top2" in shown
     _, runs = _mlflow_runs(clone)

@@ -89,10 +89,11 @@ def box_plots_png(panels: dict[str, dict[str, list[float]]], path: Path, title: 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(panels), figsize=(2.6 + 2.0 * len(panels), 3.3), dpi=100, squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(5.6, 1.2 + 3.2 * len(panels)), 3.4), dpi=100,
+                             squeeze=False)
     for ax, (panel, groups) in zip(axes[0], panels.items()):
         labels = list(groups)
-        ax.boxplot([groups[g] for g in labels], widths=0.5)
+        ax.boxplot([groups[g] for g in labels], widths=0.5, showfliers=False)  # every seed is drawn as a point
         ax.set_xticks(range(1, len(labels) + 1), labels)
         for i, label in enumerate(labels, start=1):
             ax.scatter(np.full(len(groups[label]), i) + np.linspace(-0.08, 0.08, len(groups[label])),

@@ -92,9 +92,13 @@ def summarise_runs(cell: list[dict]) -> dict:
     return out
 
 
+PROBLEM_PHRASES = {"stayed_at_chance": "stayed at chance", "constant_prediction": "predicted one class",
+                   "non_finite_loss": "had a non-finite training loss"}
+
+
 def _flag_caption(label: str, cell: dict) -> str:
-    what = "; ".join(f"{k} of {cell['n']} seeds {problem.replace('_', ' ')}"
-                     for problem, k in cell["flagged"].items())
+    what = "; ".join(f"{cell['flagged'][problem]} of {cell['n']} seeds {phrase}"
+                     for problem, phrase in PROBLEM_PHRASES.items() if problem in cell["flagged"])
     return f"† {label}: {what}."
 
 

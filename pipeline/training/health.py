@@ -21,7 +21,6 @@ import numpy as np
 
 CONSTANT_SHARE = 0.9
 CHANCE_SIGMAS = 3.0
-PROBLEMS = ("stayed_at_chance", "constant_prediction", "non_finite_loss")
 
 
 @dataclass(frozen=True)
