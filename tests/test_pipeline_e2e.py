@@ -126,6 +126,10 @@ def test_table3_topk_sweep_and_routing_figures(clone):
 def test_tables_6_7_8_figures_5_7_8_and_health_report(clone):
     reports = clone / "reports"
     assert "**MST-Distill / KD**" in (reports / "table6.md").read_text()
+    paired = (reports / "table1_paired.md").read_text()
+    rows = list(csv.DictReader((reports / "table1.csv").open()))
+    # every row but w/o KD, both targets, with its win count over the seeds
+    assert len(re.findall(rf"[+-]\d+\.\d\d ± \d+\.\d\d \(\d/{len(SEEDS)}\)", paired)) == 2 * (len(rows) - 1)
     for name, rows in (("table7.md", ("Joint (paper)", "Detached (DML-style)")), ("table8.md", ("KL (paper Eq. 17)", "CV"))):
         text = (reports / name).read_text()
         assert all(f"| {row} |" in text for row in rows), name

@@ -193,3 +193,12 @@ def test_paper_values_print_beside_ours_with_the_difference():
     text = paper_comparison_markdown(t1, {}, ["av_mnist"], {("av_mnist", "table1", "kd_mm", "image"): 66.5})
     assert "| table1 | KD (MM) | image | 65.00 | 66.50 | -1.50 |" in text
     assert "not transcribed" in paper_comparison_markdown(t1, {}, ["av_mnist"], {})
+
+
+def test_paired_gains_subtract_the_same_seeds_wo_kd():
+    from pipeline.reporting.paper_outputs import paired_markdown
+
+    text = paired_markdown(RUNS, ["av_digits"])
+    # KD (MM) image 64, 66 against w/o KD 60, 62: +4, +4; audio 42, 42 against 40, 44: +2, -2
+    assert "| KD (MM) | +4.00 ± 0.00 (2/2) | +0.00 ± 2.83 (1/2) |" in text
+    assert "| KD (CM) | -10.00 ± 0.00 (0/2) | – |" in text

@@ -9,7 +9,6 @@ three are trained (train mode, in the optimiser); nothing is frozen, so nothing 
 from __future__ import annotations
 
 import dataclasses
-
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
@@ -59,7 +58,9 @@ class DMLParams:
     def peer_loss(self) -> PeerLoss:
         """The variant's peer loss, with the reduction the switch asks for."""
         loss = VARIANTS[self.variant]
-        return loss if self.peer_reduction == "variant" else dataclasses.replace(loss, peer_reduction=self.peer_reduction)
+        if self.peer_reduction == "variant":
+            return loss
+        return dataclasses.replace(loss, peer_reduction=self.peer_reduction)
 
 
 def mutual_learning_terms(logits: Mapping[str, torch.Tensor], labels: torch.Tensor, peer_loss: PeerLoss,

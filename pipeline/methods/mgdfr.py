@@ -49,8 +49,9 @@ class MGDFRParams:
     (0.75) when `masking` is `freeze`. Switch `masking`: default `none` = what the authors' code does (baselines
     quirk Q13: `main-MGDFR.py` asks its hook builder for mode 'freeze', whose hook handles only 'zero' and
     'permute', so the teacher is never masked; the salience is still computed); `freeze` = MFH's intent,
-    the lowest-salience `ratio` of features frozen to their batch mean. `taps`: per teacher architecture, per student architecture, the teacher module whose output
-    features are ranked. The main phase = KD (`temperature`, `alpha`, as `kd`).
+    the lowest-salience `ratio` of features frozen to their batch mean. `taps`: per teacher architecture, per
+    student architecture, the teacher module whose output features are ranked. The main phase = KD
+    (`temperature`, `alpha`, as `kd`).
     Switch `kd_form`: default `authors` ((1 − α)·CE + α·T²·KL, T = `temperature`, α-sched); `official` (MFH's
     code): KL(p_t ‖ p_s) at T = 1 only, no CE (batchmean; MFH's KLDivLoss 'mean' only divides by C more).
     Switch `salience`: default `all_batches` (authors: accumulated over every salience batch); `last_batch`
@@ -236,7 +237,7 @@ class MGDFR(DistillationMethod):
                  salience_tap: str | None = None, temperature: float,
                  alpha: AlphaParams, kd_form: str = "authors", co_lr: float = 1e-3, co_epochs: int = 100,
                  repeats: int = 10, salience_batch_multiplier: int = 6, salience: str = "all_batches",
-                 ratio: float = 0.75, masking: str = "freeze") -> None:
+                 ratio: float = 0.75, masking: str = "none") -> None:
         super().__init__(student)
         # co-training trains `teacher` and `co_student`; both leave the optimised set before the main phase
         self.teacher = teacher

@@ -1,7 +1,7 @@
 """The stages of MST-Distill: its three phases (mst_s1, mst_s2, mst_s3), the stage ablation of paper Table 3
 (mst_ablation), the top-k sweep of paper Fig. 6 (mst_topk_sweep) and the method variants of paper Tables 7
-and 8 and Fig. 5 (mst_variants). Each checks every checkpoint it will
-load before any training, then runs its independent runs side by side through `runs.run_method`."""
+and 8 and Fig. 5 (mst_variants). Each checks every checkpoint it will load before any training, then runs
+its independent runs side by side through `runs.run_method`."""
 
 from __future__ import annotations
 
@@ -73,7 +73,8 @@ def mst_specialist_adaptation(params: Params, loaded: LoadedDataset, stage1_dir:
     def job(seed: int, target: str):
         def run(tracker: Tracker) -> RunRecord:
             return _specialist_run(params, loaded, tracker, stage=stage, networks_dir=stage1_dir, seed=seed,
-                                   target=target, setting=setting, save=masks_path(masks_dir, seed, target)).records[0]
+                                   target=target, setting=setting,
+                                   save=masks_path(masks_dir, seed, target)).records[0]
         return run
 
     return run_jobs(params, loaded, [job(seed, target) for seed in params.seeds for target in ("m1", "m2")], tracker)
@@ -176,7 +177,6 @@ def topk_sweep(params: Params, loaded: LoadedDataset, stage1_dir: Path, masks_di
     n = _mst_params(params).n_specialists
     return mst_dynamic_distillation(params, loaded, stage1_dir, masks_dir, tracker, topks=list(range(1, n + 1)),
                                     stage="mst_topk_sweep")
-
 
 
 def with_mst_overrides(params: Params, overrides: dict) -> Params:

@@ -110,7 +110,9 @@ def table6_markdown(runs: list[dict], datasets: list[str]) -> str:
     return "\n".join(["Training cost (paper Table 6), as measured by this run of the pipeline.", ""] + lines + [
         "Train time: wall time of a run's training and evaluation (all its phases), mean ± sample std over runs; "
         "runs of one stage run side by side (`workers`), so times include that sharing. Peak memory: the largest "
-        "growth of a run's peak memory over its start (CPU: resident set; CUDA: allocated), over the row's runs. "
+        "growth of a run's peak memory over its start, over the row's runs (CPU: the resident set of the run's own "
+        "fresh worker process, which shares the loaded dataset with its parent; with one worker the runs share "
+        "the main process and later runs reuse freed memory, so the figure is a lower bound; CUDA: allocated). "
         "Epochs run: the main phase's, mean over runs (early stopping ends runs at different epochs)."
         + (f" Device: {', '.join(device)}." if device else "")]) + "\n"
 
@@ -197,8 +199,8 @@ def figure_panels(runs: list[dict], dataset: str) -> dict[str, dict[str, dict[st
 FIGURES = {
     "fig5": ("fig5_teacher_sets_{d}.png", "{name}: MST-Distill with the MM, CM or MM+CM teacher set (paper Fig. 5)",
              True),
-    "fig7": ("fig7_unimodal_vs_mm_{d}.png", "{name}: multimodal vs unimodal networks, each trained alone (paper Fig. 7)",
-             False),
+    "fig7": ("fig7_unimodal_vs_mm_{d}.png",
+             "{name}: multimodal vs unimodal networks, each trained alone (paper Fig. 7)", False),
     "fig8": ("fig8_mm_vs_cm_{d}.png", "{name}: KD students from the MM or the CM teacher (paper Fig. 8)", True),
 }
 
@@ -217,6 +219,49 @@ def figure_jobs(runs: list[dict], datasets: list[str], figures_dir: Path) -> lis
             jobs.append(lambda p=panels, f=figures_dir / file.format(d=dataset), t=title.format(name=name),
                         ref=reference if with_reference else None: box_plots_png(p, f, t, ref, "w/o KD mean"))
     return jobs
+
+
+# ---- Table 1 as paired differences ----
+
+def paired_markdown(runs: list[dict], datasets: list[str]) -> str:
+    """Each Table 1 row's gain over w/o KD, paired by seed (the same split and seed on both sides): mean ±
+    sample std of the per-seed differences in points, and on how many seeds the row beats w/o KD. Pairing
+    removes the split-to-split spread that dominates the plain table's standard deviations."""
+    lines = ["Table 1 as gains over w/o KD, paired by seed (points of test accuracy).", ""]
+    for dataset in datasets:
+        spec = dataset_spec(dataset)
+        modalities = [spec.modalities[t] for t in TARGETS]
+        rows = table1_rows()
+        base = {m: {r["seed"]: r["test_accuracy"] for r in runs if r["dataset"] == dataset and r["target"] == m
+                    and rows[0].matches(r)} for m in modalities}
+        lines += ["| Method | " + " | ".join(f"{spec.display_name} {m.capitalize()}" for m in modalities) + " |",
+                  "|---|" + "---:|" * len(modalities)]
+        for row in rows[1:]:
+            cells = []
+            for m in modalities:
+                pairs = [(r["test_accuracy"], base[m][r["seed"]]) for r in runs if r["dataset"] == dataset
+                         and r["target"] == m and row.matches(r) and r["seed"] in base[m]]
+                if not pairs:
+                    cells.append("–")
+                    continue
+                gains = [100.0 * (a - b) for a, b in pairs]
+                flagged = any(problems_of(r) for r in runs if r["dataset"] == dataset and r["target"] == m
+                              and row.matches(r))
+                cells.append(f"{_signed_mean_std(gains)} ({sum(g > 0 for g in gains)}/{len(gains)})"
+                             + (" †" if flagged else ""))
+            lines.append(f"| {row.label} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines.append("Per seed: the row's test accuracy minus the w/o KD network's (same split column, same seed); mean ± "
+                 "sample std over seeds, and (k/n) the seeds on which the row is better. † as in Table 1 "
+                 "(reports/health.md).")
+    return "\n".join(lines) + "\n"
+
+
+def _signed_mean_std(values: list[float]) -> str:
+    array = np.asarray(values, dtype=np.float64)
+    std = float(array.std(ddof=1)) if len(array) > 1 else 0.0
+    mean = round(float(array.mean()), 2) + 0.0  # + 0.0: no "-0.00"
+    return f"{mean:+.2f} ± {std:.2f}"
 
 
 # ---- run health ----
@@ -290,6 +335,7 @@ def paper_comparison_markdown(t1: dict, t3: dict, datasets: list[str],
 def markdown_outputs(runs: list[dict], datasets: list[str], t1: dict, t3: dict) -> dict[str, str]:
     """Every text file of this module, by name under reports/."""
     return {
+        "table1_paired.md": paired_markdown(runs, datasets),
         "table6.md": table6_markdown(runs, datasets),
         "table7.md": variant_table_markdown(
             runs, datasets, "table7", "Stage 1 of MST-Distill, joint vs DML-style detached alignment (paper Table 7).",

@@ -109,9 +109,10 @@ def run_phase(phase: Phase, context: RunContext, log: PhaseLog | None = None,
         metrics = optimise_epoch(lambda batch: phase.loss_terms(batch, epoch),
                                  context.batches("train", phase.batch_size, shuffle=True), optimizer, epoch)
         if not math.isfinite(metrics["train_loss"]):
-            history.append({"epoch": epoch, **metrics, "best_epoch": best_epoch})
+            metrics["best_epoch"] = best_epoch
+            history.append({"epoch": epoch, **metrics})
             if log is not None:
-                log(phase.name, epoch, history[-1])
+                log(phase.name, epoch, metrics)
             stopped = STOP_NON_FINITE
             break
         if phase.validate is not None:
