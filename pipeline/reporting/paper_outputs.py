@@ -110,9 +110,9 @@ def table6_markdown(runs: list[dict], datasets: list[str]) -> str:
     return "\n".join(["Training cost (paper Table 6), as measured by this run of the pipeline.", ""] + lines + [
         "Train time: wall time of a run's training and evaluation (all its phases), mean ± sample std over runs; "
         "runs of one stage run side by side (`workers`), so times include that sharing. Peak memory: the largest "
-        "growth of a run's peak memory over its start, over the row's runs (CPU: the resident set of the run's own "
-        "fresh worker process, which shares the loaded dataset with its parent; with one worker the runs share "
-        "the main process and later runs reuse freed memory, so the figure is a lower bound; CUDA: allocated). "
+        "growth of a run's peak memory over its start, over the row's runs (CUDA: allocated memory, exact; CPU: the "
+        "resident set of the worker process, where a run reuses memory an earlier run of the same worker freed, so "
+        "the figure is a lower bound; `python -m benchmarks.method_cost` measures each method in a fresh process). "
         "Epochs run: the main phase's, mean over runs (early stopping ends runs at different epochs)."
         + (f" Device: {', '.join(device)}." if device else "")]) + "\n"
 
