@@ -2,9 +2,10 @@
 
 On a CPU, the small networks of the benchmark use two cores poorly inside one run (per-batch kernels
 are too small to split), so running independent runs side by side in one-thread processes gets
-1.2–1.8× more work done (`python -m benchmarks.parallel_runs` measures it). Every run seeds itself and
-every process uses the same number of torch threads (`runtime.threads_per_run`), so each run computes
-exactly what it would compute alone: the results do not depend on `runtime.workers` (tested).
+1.9× more work done on 2 cores (the teachers stage; `python -m benchmarks.parallel_runs` measures it).
+Every run seeds itself and every process uses the same number of torch threads (`runtime.threads_per_run`),
+so each run computes exactly what it would compute alone: the results do not depend on `runtime.workers`
+(tested).
 
 Worker processes are forked, so jobs may be closures over the loaded dataset. They do not talk to
 MLflow themselves (a forked sqlite connection is not safe): each records its runs in memory
@@ -131,8 +132,8 @@ def run_jobs(jobs: Sequence[Job], tracker: Tracker, workers: int, threads_per_ru
     outcomes = []
     try:
         context = multiprocessing.get_context("fork")
-        # workers are reused across runs: a fresh process per run (maxtasksperchild=1) made the default
-        # pipeline ~35 % slower (every process re-creates torch's CPU kernels), for a cleaner memory figure only
+        # workers are reused across runs: a fresh process per run (maxtasksperchild=1) would give cleaner
+        # per-run memory figures but cost 9-18 % more wall time (`python -m benchmarks.parallel_runs`)
         with context.Pool(workers, initializer=_worker_init, initargs=(threads_per_run,)) as pool:
             # replay each job's runs as soon as it (and every earlier job) is done, while later jobs still train
             for outcome in pool.imap(_run_job, range(len(jobs)), chunksize=1):
