@@ -286,8 +286,8 @@ def health_markdown(runs: list[dict]) -> str:
                      f"{r['seed']} | {', '.join(problems_of(r))} | {acc} | `{r['run_name']}` |")
     if any(r["method"] == "c2kd" for r in flagged):
         lines += ["", "C²KD: its students are trained with SGD at lr 0.01 through proxy BatchNorm heads, as the "
-                      "authors run it (baselines-spec.md §2.10); a run whose first-layer channels die in the first "
-                      "steps predicts one class from then on. These runs are kept and counted, not retried."]
+                      "authors run it (baselines-spec.md §2.10); a student whose first-layer channels die predicts "
+                      "one class. These runs are kept and counted, not retried."]
     return "\n".join(lines) + "\n"
 
 
