@@ -157,3 +157,8 @@ def method_setup(method: str, config: str, target: str, data=None, *, block: Any
                        sample=data.batch(torch.arange(4)), build_network=role_network,
                        method_params=block if block is not None else method_block(method),
                        cache_frozen_outputs=cache, **fields)
+
+
+def with_tap(pair, side: str, **changes):
+    """A feature-tap pair (RKD, CRD) with fields of its `side` ("teacher" or "student") tap replaced."""
+    return dataclasses.replace(pair, **{side: dataclasses.replace(getattr(pair, side), **changes)})

@@ -5,7 +5,6 @@ params (frozen teacher unchanged and cache == recompute for every pair: tests/te
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 
 import pytest
@@ -24,7 +23,8 @@ from pipeline.methods.crd import (
 )
 from pipeline.params import ParamsError, parse
 from pipeline.training.engine import train
-from tests.conftest import method_block, method_setup, raw_params, run_context, synthetic_dataset, synthetic_split
+from tests.conftest import (method_block, method_setup, raw_params, run_context, synthetic_dataset, synthetic_split,
+                            with_tap)
 
 
 
@@ -249,10 +249,6 @@ def test_cached_teacher_features_give_the_same_loss_as_recomputed():
     assert not small_cache.teacher_features.enabled  # the table does not fit: the teacher is re-run
 
 
-def _with_module(pair: PairTaps, side: str, **changes) -> PairTaps:
-    return dataclasses.replace(pair, **{side: dataclasses.replace(getattr(pair, side), **changes)})
-
-
 def test_memory_bound_and_bad_taps_are_clear_errors():
     method, data = _method("mm", "m1", _params(max_memory_mb=1.0))
     with pytest.raises(ValueError, match=r"crd\.max_memory_mb is 1, but the contrast memory needs"):
@@ -262,7 +258,7 @@ def test_memory_bound_and_bad_taps_are_clear_errors():
     pair = _params().taps["cnn_i"]["lenet5"]
     # a module the architecture does not have: a KeyError naming it when it reaches the method ...
     with pytest.raises(KeyError, match="no module named 'conv9'"):
-        _method("mm", "m1", _params(taps={"cnn_i": {"lenet5": _with_module(pair, "student", module="conv9")}}))
+        _method("mm", "m1", _params(taps={"cnn_i": {"lenet5": with_tap(pair, "student", module="conv9")}}))
     # ... and rejected when params.yaml is parsed, naming the key
     raw = raw_params()["crd"]
     raw["taps"]["cnn_i"]["lenet5"]["student"]["module"] = "conv9"
@@ -273,7 +269,7 @@ def test_memory_bound_and_bad_taps_are_clear_errors():
     with pytest.raises(KeyError, match=r"crd\.nce_k\.av_digits is missing"):
         _method("mm", "m1", _params(nce_k={"av_mnist": 4096}))
     with pytest.raises(ValueError, match=r"crd\.taps\.cnn_i\.lenet5\.teacher\.pool"):
-        _method("mm", "m1", _params(taps={"cnn_i": {"lenet5": _with_module(pair, "teacher", pool=2)}}))
+        _method("mm", "m1", _params(taps={"cnn_i": {"lenet5": with_tap(pair, "teacher", pool=2)}}))
     check_teacher_config(ContrastiveRepresentationDistillation, "mm")
     check_teacher_config(ContrastiveRepresentationDistillation, "cm")
     with pytest.raises(ValueError, match="does not support teacher config 'mm\\+cm'"):

@@ -287,3 +287,14 @@ def test_unsupported_teacher_config_is_a_clear_error(raw_params):
     with pytest.raises(ParamsError, match=r"kd\.teachers\[1\]: method 'kd' does not support teacher config "
                                           r"'mm\+cm'; it supports: mm, cm"):
         parse_params(_edited(raw_params, lambda r: r["kd"].__setitem__("teachers", ["mm", "mm+cm"])))
+
+
+@pytest.mark.parametrize("changes, key, expected", [
+    ({"min_epochs": 60}, "training.av_digits.min_epochs", r"must not exceed epochs \(50\)"),
+    ({"patience": -1}, "training.av_digits.patience", ">= 0"),
+])
+def test_early_stopping_keys_are_checked_before_any_work(raw_params, changes, key, expected):
+    raw = raw_params
+    raw["training"]["av_digits"].update(changes)
+    with pytest.raises(ParamsError, match=rf"{key}.*{expected}"):
+        parse_params(raw)

@@ -5,7 +5,6 @@ cache == recompute for every pair: tests/test_method_contract.py)."""
 from __future__ import annotations
 
 import copy
-import dataclasses
 import itertools
 import math
 
@@ -24,7 +23,8 @@ from pipeline.methods.rkd import (
 )
 from pipeline.params import ParamsError, parse
 from pipeline.training.engine import train
-from tests.conftest import method_block, method_setup, raw_params, run_context, synthetic_dataset, synthetic_split
+from tests.conftest import (method_block, method_setup, raw_params, run_context, synthetic_dataset, synthetic_split,
+                            with_tap)
 
 
 
@@ -181,15 +181,11 @@ def test_cached_teacher_embeddings_give_the_same_loss_as_recomputed():
         assert results[0][key] == pytest.approx(results[1][key], rel=1e-5, abs=1e-7), key
 
 
-def _with_module(pair: PairTaps, side: str, **changes) -> PairTaps:
-    return dataclasses.replace(pair, **{side: dataclasses.replace(getattr(pair, side), **changes)})
-
-
 def test_bad_taps_and_teacher_configs_are_rejected():
     pair = _params().taps["cnn_i"]["lenet5"]
     # a module the architecture does not have: a KeyError naming it when it reaches the method ...
     with pytest.raises(KeyError, match="no module named 'fc9'"):
-        _method("mm", "m1", _params(taps={"cnn_i": {"lenet5": _with_module(pair, "teacher", module="fc9")}}))
+        _method("mm", "m1", _params(taps={"cnn_i": {"lenet5": with_tap(pair, "teacher", module="fc9")}}))
     # ... and rejected when params.yaml is parsed, naming the key
     raw = raw_params()["rkd"]
     raw["taps"]["cnn_i"]["lenet5"]["teacher"]["module"] = "fc9"
@@ -199,7 +195,7 @@ def test_bad_taps_and_teacher_configs_are_rejected():
         _method("cm", "m1", _params(taps={"cnn_i": {"lenet5": pair}}))  # no row for the teacher architecture
     with pytest.raises(KeyError, match=r"rkd\.taps\.cnn_i\.three_layer_cnn_a is missing"):
         _method("mm", "m2", _params(taps={"cnn_i": {"lenet5": pair}}))  # no entry for the student architecture
-    bad_pool = _with_module(pair, "student", pool=2)  # LeNet5 fc1 is (B, 84): nothing to pool
+    bad_pool = with_tap(pair, "student", pool=2)  # LeNet5 fc1 is (B, 84): nothing to pool
     with pytest.raises(ValueError, match=r"rkd\.taps\.cnn_i\.lenet5\.student\.pool"):
         _method("mm", "m1", _params(taps={"cnn_i": {"lenet5": bad_pool}}))
     check_teacher_config(RelationalKD, "mm")

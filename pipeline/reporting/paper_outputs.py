@@ -18,7 +18,7 @@ import numpy as np
 
 from pipeline.data.catalog import dataset_spec
 from pipeline.methods.mst.settings import DEFAULT_VARIANT_LABELS, MST_VARIANTS, STAGE_SETTINGS
-from pipeline.reporting.tables import (TARGETS, _cell_text, flag_captions, problems_of, summarise_runs,
+from pipeline.reporting.tables import (TARGETS, _cell_text, flag_captions, problems_of, summarise, summarise_runs,
                                        table1_rows)
 
 PAPER_VALUES = Path(__file__).with_name("paper_values.csv")
@@ -35,10 +35,12 @@ def _by_run(runs: list[dict]) -> list[dict]:
     return out
 
 
-def _mean_std(values: list[float]) -> str:
+def _mean_std(values: list[float], signed: bool = False) -> str:
+    """"mean ± sample std" to 2 decimals (std 0 for one value); `signed`: the mean with its sign, never -0.00."""
     array = np.asarray(values, dtype=np.float64)
     std = float(array.std(ddof=1)) if len(array) > 1 else 0.0
-    return f"{array.mean():.2f} ± {std:.2f}"
+    mean = round(float(array.mean()), 2) + 0.0  # + 0.0 turns -0.0 into 0.0
+    return f"{mean:{'+' if signed else ''}.2f} ± {std:.2f}"
 
 
 # ---- Table 6: cost ----
@@ -85,9 +87,7 @@ def table6_markdown(runs: list[dict], datasets: list[str]) -> str:
             peaks = [r["cost"]["peak_mb"] for r in cell if r["cost"].get("peak_mb") is not None]
             lines.append(f"| {label} | {len(cell)} | {np.mean([r['epochs'] for r in cell]):.1f} | "
                          f"{_mean_std([r['cost']['train_s'] for r in cell])} | "
-                         f"{max(peaks):.1f} |" if peaks else f"| {label} | {len(cell)} | "
-                         f"{np.mean([r['epochs'] for r in cell]):.1f} | "
-                         f"{_mean_std([r['cost']['train_s'] for r in cell])} | – |")
+                         f"{f'{max(peaks):.1f}' if peaks else '–'} |")
         mst = _pipeline_cost(runs, dataset, lambda r: r["stage"] in ("mst_s1", "mst_s2", "mst_s3"))
         kd = _pipeline_cost(runs, dataset, lambda r: (r["stage"] == "teachers" and r["setting"] == "teacher")
                             or (r["stage"] == "distill" and r["method"] == "kd"))
@@ -141,7 +141,7 @@ def _comparison_table(groups: dict[str, list[dict]], dataset: str, first_header:
                else None for m in modalities]
         seeds = sorted({r["seed"] for r in cell})
         per_seed = [float(np.mean([r["test_accuracy"] for r in cell if r["seed"] == s])) for s in seeds]
-        mean = summarise_runs([{"test_accuracy": v} for v in per_seed]) if per_seed else None
+        mean = summarise(per_seed) if per_seed else None
         lines.append(f"| {label} | " + " | ".join(_cell_text(c, None) for c in [*row, mean]) + " |")
         cells += [(f"{label}, {spec.display_name} {m}", c) for m, c in zip(modalities, row)]
     return lines + flag_captions(cells)
@@ -247,7 +247,7 @@ def paired_markdown(runs: list[dict], datasets: list[str]) -> str:
                 gains = [100.0 * (a - b) for a, b in pairs]
                 flagged = any(problems_of(r) for r in runs if r["dataset"] == dataset and r["target"] == m
                               and row.matches(r))
-                cells.append(f"{_signed_mean_std(gains)} ({sum(g > 0 for g in gains)}/{len(gains)})"
+                cells.append(f"{_mean_std(gains, signed=True)} ({sum(g > 0 for g in gains)}/{len(gains)})"
                              + (" †" if flagged else ""))
             lines.append(f"| {row.label} | " + " | ".join(cells) + " |")
         lines.append("")
@@ -256,12 +256,6 @@ def paired_markdown(runs: list[dict], datasets: list[str]) -> str:
                  "(reports/health.md).")
     return "\n".join(lines) + "\n"
 
-
-def _signed_mean_std(values: list[float]) -> str:
-    array = np.asarray(values, dtype=np.float64)
-    std = float(array.std(ddof=1)) if len(array) > 1 else 0.0
-    mean = round(float(array.mean()), 2) + 0.0  # + 0.0: no "-0.00"
-    return f"{mean:+.2f} ± {std:.2f}"
 
 
 # ---- run health ----

@@ -294,11 +294,7 @@ def routing_summary(runs: list[dict], dataset: str, modality: str) -> tuple[np.n
             and r["extras"].get("routing")]
     if not cell:
         return None
-    # early stopping ends runs at different epochs: each epoch averages the runs still training
-    series = [np.asarray(r["extras"]["routing"], dtype=np.float64) for r in cell]
-    stacked = np.full((len(series), max(len(s) for s in series), series[0].shape[1]), np.nan)
-    for i, s in enumerate(series):
-        stacked[i, :len(s)] = s
+    stacked = _nan_padded([r["extras"]["routing"] for r in cell])  # each epoch: the runs still training
     return np.nanmean(stacked, axis=0), np.nanstd(stacked, axis=0), list(cell[0]["extras"]["specialists"])
 
 
@@ -311,20 +307,21 @@ def learning_curves(runs: list[dict], dataset: str, modality: str) -> tuple[list
         if not cell:
             continue
         keys.append(row.key)
-        curves.append(_ragged_mean([[100.0 * e["val_accuracy"] for e in r["curve"]] for r in cell]))
+        curves.append(np.nanmean(_nan_padded([[100.0 * e["val_accuracy"] for e in r["curve"]] for r in cell]), axis=0))
     if not keys:
         return None
-    length = max(len(c) for c in curves)
-    return keys, np.stack([np.pad(c, (0, length - len(c)), constant_values=np.nan) for c in curves], axis=1)
+    return keys, _nan_padded(curves).T
 
 
-def _ragged_mean(series: list[list[float]]) -> np.ndarray:
-    """Per-epoch mean over the runs still training at that epoch (early stopping ends runs at different epochs)."""
-    length = max(len(s) for s in series)
-    padded = np.full((len(series), length), np.nan)
-    for i, s in enumerate(series):
-        padded[i, :len(s)] = s
-    return np.nanmean(padded, axis=0)
+def _nan_padded(series: list) -> np.ndarray:
+    """Per-epoch series of different lengths (early stopping ends runs at different epochs) stacked into one
+    array (series × epochs × ...), NaN after each series' end; nanmean over axis 0 then averages, per epoch,
+    the runs still training."""
+    arrays = [np.asarray(s, dtype=np.float64) for s in series]
+    out = np.full((len(arrays), max(len(a) for a in arrays), *arrays[0].shape[1:]), np.nan)
+    for i, a in enumerate(arrays):
+        out[i, :len(a)] = a
+    return out
 
 
 def metrics_summary(t1: dict, t3: dict) -> dict:
