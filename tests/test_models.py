@@ -38,8 +38,8 @@ def _no_hooks(module: nn.Module) -> bool:
 
 
 def test_available_architectures():
-    """The registry knows the three AV-MNIST networks."""
-    assert available_architectures() == ["cnn_i", "lenet5", "three_layer_cnn_a"]
+    """The registry knows the three AV-MNIST networks (the other datasets' in test_dataset_models.py)."""
+    assert {"cnn_i", "lenet5", "three_layer_cnn_a"} <= set(available_architectures())
 
 
 @pytest.mark.parametrize("arch, expected", [("lenet5", 61_706), ("three_layer_cnn_a", 343_562),

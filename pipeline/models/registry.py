@@ -12,17 +12,35 @@ import torch
 from torch import nn
 
 from pipeline.models.av_mnist_nets import CNNI, LeNet5, ThreeLayerCNNA
+from pipeline.models.mlps import FusionMLP, UnimodalMLP
+from pipeline.models.seq_nets import (dscnn_i, dscnn_vggs_i, ravdess_audio_net, ravdess_visual_net, vggs_audio_net,
+                                      vggs_visual_net)
 
 # name -> constructor(num_classes, input_shapes) where input_shapes are per-sample shapes of the inputs read
 _BUILDERS: dict[str, Callable[[int, Sequence[tuple[int, ...]]], nn.Module]] = {
     "lenet5": lambda c, shapes: LeNet5(c),
     "three_layer_cnn_a": lambda c, shapes: ThreeLayerCNNA(c, spectrogram_size=shapes[0][-1]),
     "cnn_i": lambda c, shapes: CNNI(c, spectrogram_size=shapes[1][-1]),
+    # RAVDESS (official-mst-spec.md §3.2): video (15,3,224,224), MFCC (15,156)
+    "visual_branch_net": lambda c, shapes: ravdess_visual_net(c, shapes[0]),
+    "audio_branch_net": lambda c, shapes: ravdess_audio_net(c, shapes[0]),
+    "dscnn_i": lambda c, shapes: dscnn_i(c, shapes[0], shapes[1]),
+    # VGGSound-50k (§3.3): VGG19 pool5 maps (10,7,7,512), VGGish embeddings (10,128)
+    "visual_branch_net_vggs": lambda c, shapes: vggs_visual_net(c, shapes[0]),
+    "audio_branch_net_vggs": lambda c, shapes: vggs_audio_net(c, shapes[0]),
+    "dscnn_vggs_i": lambda c, shapes: dscnn_vggs_i(c, shapes[0], shapes[1]),
+    # CrisisMMD-V2 (§3.4): ResNet-50 features (2048,), BERTweet pooler features (768,)
+    "mlp_vb": lambda c, shapes: UnimodalMLP(shapes[0][0], c),
+    "mlp_tb": lambda c, shapes: UnimodalMLP(shapes[0][0], c),
+    "mlp_i": lambda c, shapes: FusionMLP(shapes[0][0], shapes[1][0], c),
 }
 
 
 # The names the authors' code and the paper use for each architecture.
-DISPLAY_NAMES = {"lenet5": "LeNet5", "three_layer_cnn_a": "ThreeLayerCNN-A", "cnn_i": "CNN-I"}
+DISPLAY_NAMES = {"lenet5": "LeNet5", "three_layer_cnn_a": "ThreeLayerCNN-A", "cnn_i": "CNN-I",
+                 "visual_branch_net": "VisualBranchNet", "audio_branch_net": "AudioBranchNet", "dscnn_i": "DSCNN-I",
+                 "visual_branch_net_vggs": "VisualBranchNet-VGGS", "audio_branch_net_vggs": "AudioBranchNet-VGGS",
+                 "dscnn_vggs_i": "DSCNN-VGGS-I", "mlp_vb": "MLP-Vb", "mlp_tb": "MLP-Tb", "mlp_i": "MLP-I"}
 
 
 class Network(nn.Module):
@@ -57,7 +75,11 @@ def count_parameters(module: nn.Module) -> int:
 
 
 # Per-sample input shapes used only to enumerate module names (names do not depend on input sizes).
-_PROBE_SHAPES = {"lenet5": [(1, 28, 28)], "three_layer_cnn_a": [(1, 16, 16)], "cnn_i": [(1, 28, 28), (1, 16, 16)]}
+_PROBE_SHAPES = {"lenet5": [(1, 28, 28)], "three_layer_cnn_a": [(1, 16, 16)], "cnn_i": [(1, 28, 28), (1, 16, 16)],
+                 "visual_branch_net": [(15, 3, 224, 224)], "audio_branch_net": [(15, 156)],
+                 "dscnn_i": [(15, 3, 224, 224), (15, 156)], "visual_branch_net_vggs": [(10, 7, 7, 512)],
+                 "audio_branch_net_vggs": [(10, 128)], "dscnn_vggs_i": [(10, 7, 7, 512), (10, 128)],
+                 "mlp_vb": [(2048,)], "mlp_tb": [(768,)], "mlp_i": [(2048,), (768,)]}
 
 
 def module_names(arch: str) -> list[str]:
