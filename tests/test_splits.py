@@ -177,3 +177,27 @@ def test_missing_split_file(tmp_path):
         read_split_column(path, 0, 10)
     assert str(path) in str(info.value)
     assert "not found" in str(info.value)
+
+
+def test_group_disjoint_split_keeps_each_group_in_one_part():
+    """RAVDESS-like: 24 actors of 60 clips -> 14 / 5 / 5 actors, no actor in two parts, every clip once; the
+    group order comes from the authors' seeded generator (the same permutation of the 24 actor ids)."""
+    from pipeline.data.splits import make_group_permutations
+
+    groups = np.repeat(np.arange(1, 25), 60)
+    columns = make_group_permutations(groups, count=3, seed=AUTHORS_SPLIT_SEED)
+    assert columns.shape == (1440, 3)
+    first_groups = groups[columns[::60, 0]]
+    assert np.array_equal(first_groups, np.arange(1, 25)[np.random.RandomState(AUTHORS_SPLIT_SEED).permutation(24)])
+    for j in range(3):
+        split = split_positions(columns[:, j], 0.6, 0.2, groups=groups)
+        parts = [set(groups[getattr(split, name)]) for name in ("train", "val", "test")]
+        assert [len(p) for p in parts] == [14, 5, 5]
+        assert not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
+        assert np.array_equal(np.sort(np.concatenate([split.train, split.val, split.test])), np.arange(1440))
+
+
+def test_a_column_not_listed_group_by_group_is_refused():
+    groups = np.repeat(np.arange(4), 3)
+    with pytest.raises(DataError, match="group by group"):
+        split_positions(np.arange(12)[::-1].copy()[[0, 3, 1, 2, 4, 5, 6, 7, 8, 9, 10, 11]], groups=groups)

@@ -1,7 +1,7 @@
 """The datasets the benchmark knows: modalities, classes, networks and how their raw files load.
 
-Dataset keys are spelled the same everywhere: `av_digits`, `av_mnist` (and, as they land,
-`ravdess`, `vggsound50k`, `crisismmd_v2`, `nyu_depth_v2`).
+Dataset keys are spelled the same everywhere: `av_digits`, `av_mnist`, `ravdess`, `vggsound50k`, `crisismmd_v2`
+(and, as it lands, `nyu_depth_v2`).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.data import crisismmd, ravdess, vggsound
 from pipeline.data.av_mnist import load_av_mnist
 
 
@@ -26,6 +27,7 @@ class DatasetSpec:
     load: Callable[[Path, Any], dict[str, np.ndarray]]   # (raw folder, params blocks) -> m1, m2, labels
     raw_layout: str                       # what a user must place in the raw folder
     in_paper: bool = True                 # False: not a dataset of the paper (no published numbers)
+    groups: str | None = None             # what the loader's `groups` are (e.g. "actor"), for disjoint splits
 
     def modality_name(self, key: str) -> str:
         return "multimodal" if key == "mm" else self.modalities[key]
@@ -50,6 +52,18 @@ DATASETS: dict[str, DatasetSpec] = {
         networks={"mm": "cnn_i", "m1": "lenet5", "m2": "three_layer_cnn_a"},
         load=lambda root, blocks: load_av_mnist(root, 112),
         raw_layout=AV_MNIST_LAYOUT + " with S = 112"),
+    "ravdess": DatasetSpec(
+        key="ravdess", display_name="RAVDESS", modalities={"m1": "visual", "m2": "audio"}, num_classes=8,
+        networks={"mm": "dscnn_i", "m1": "visual_branch_net", "m2": "audio_branch_net"},
+        load=lambda root, blocks: ravdess.load(root), raw_layout=ravdess.LAYOUT, groups="actor"),
+    "vggsound50k": DatasetSpec(
+        key="vggsound50k", display_name="VGGSound-50k", modalities={"m1": "visual", "m2": "audio"}, num_classes=141,
+        networks={"mm": "dscnn_vggs_i", "m1": "visual_branch_net_vggs", "m2": "audio_branch_net_vggs"},
+        load=lambda root, blocks: vggsound.load(root), raw_layout=vggsound.LAYOUT),
+    "crisismmd_v2": DatasetSpec(
+        key="crisismmd_v2", display_name="CrisisMMD-V2", modalities={"m1": "image", "m2": "text"}, num_classes=8,
+        networks={"mm": "mlp_i", "m1": "mlp_vb", "m2": "mlp_tb"},
+        load=lambda root, blocks: crisismmd.load(root), raw_layout=crisismmd.LAYOUT),
 }
 
 

@@ -4,6 +4,11 @@
 permutations of the N sample positions, written as columns `group_0` … `group_19`. A run with seed s
 reads column `group_s`: the first int(0.6·N) entries are train, the next up to int(0.8·N) val, the
 rest test. Not stratified (quirk Q16).
+
+Our addition, off by default: `disjoint_groups` lists datasets split by group (RAVDESS: actor), so no actor
+appears in two of train/val/test. Each column then permutes the groups with the same generator, lists the
+samples group by group (each group's samples in dataset order), and the cuts fall on group boundaries: the first
+int(0.6·G) groups train, the next up to int(0.8·G) val, the rest test (RAVDESS: 14 / 5 / 5 actors).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ class SplitParams:
     permutations: int = field(metadata=POSITIVE)
     train_fraction: float = field(metadata=FRACTION)
     val_fraction: float = field(metadata=FRACTION)
+    disjoint_groups: list[str] = field(default_factory=list)   # datasets split by group (e.g. ravdess: actors)
 
     def validate(self) -> None:
         if self.train_fraction + self.val_fraction >= 1:
@@ -52,6 +58,16 @@ def make_permutations(n_samples: int, count: int = 20, seed: int = AUTHORS_SPLIT
     `seed`, as columns (identical to np.random.seed(seed) followed by np.random.permutation calls)."""
     rng = np.random.RandomState(seed)
     return np.stack([rng.permutation(n_samples) for _ in range(count)], axis=1)
+
+
+def make_group_permutations(groups: np.ndarray, count: int = 20, seed: int = AUTHORS_SPLIT_SEED) -> np.ndarray:
+    """`count` sample orders, each listing the samples group by group in a permuted group order (the legacy
+    MT19937 stream seeded with `seed` permutes the sorted group ids), as columns."""
+    groups = np.asarray(groups)
+    ids = np.unique(groups)
+    members = [np.flatnonzero(groups == g) for g in ids]
+    rng = np.random.RandomState(seed)
+    return np.stack([np.concatenate([members[g] for g in rng.permutation(len(ids))]) for _ in range(count)], axis=1)
 
 
 def write_split_file(path: Path, permutations: np.ndarray) -> None:
@@ -84,9 +100,20 @@ def read_split_column(path: Path, seed: int, n_samples: int) -> np.ndarray:
     return values
 
 
-def split_positions(column: np.ndarray, train_fraction: float = 0.6, val_fraction: float = 0.2) -> Split:
-    """Slice one permutation into train / val / test by the authors' int() rule."""
-    n = len(column)
-    train_end = int(train_fraction * n)
-    val_end = int((train_fraction + val_fraction) * n)
+def split_positions(column: np.ndarray, train_fraction: float = 0.6, val_fraction: float = 0.2,
+                    groups: np.ndarray | None = None) -> Split:
+    """Slice one permutation into train / val / test by the authors' int() rule, over samples; with `groups`
+    (a group-by-group column), over groups, so that no group spans two parts."""
+    if groups is None:
+        n = len(column)
+        train_end = int(train_fraction * n)
+        val_end = int((train_fraction + val_fraction) * n)
+        return Split(train=column[:train_end], val=column[train_end:val_end], test=column[val_end:])
+    ordered = np.asarray(groups)[column]
+    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])   # where each run of one group begins
+    if len(starts) != len(np.unique(ordered)):
+        raise DataError("split column does not list the samples group by group; re-run the prepare stage")
+    g = len(starts)
+    bounds = np.r_[starts, len(column)]
+    train_end, val_end = bounds[int(train_fraction * g)], bounds[int((train_fraction + val_fraction) * g)]
     return Split(train=column[:train_end], val=column[train_end:val_end], test=column[val_end:])

@@ -1,14 +1,68 @@
-"""Whole datasets as tensors on the run's device; batches are index slices (no per-sample Python)."""
+"""Whole datasets as tensors on the run's device; batches are index slices (no per-sample Python).
+
+A modality too large for the run device's memory (RAVDESS video: 13 GB as float32, VGGSound visual features:
+about 50 GB) stays a memory-mapped file on the host: a batch gathers its rows from the map (sorted, so reads
+are forward), pins them and copies them to the device, and the next batch is gathered in a background thread
+while the current one trains (prefetch). Values are the same either way; only where they live differs.
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
 
 Batch = dict[str, torch.Tensor]
+Residency = Literal["auto", "device", "mapped"]
+
+
+class MappedModality:
+    """One modality left in a (memory-mapped) host array; `self[index]` gathers those samples onto `device`."""
+
+    def __init__(self, array: np.ndarray, device: torch.device) -> None:
+        self.array = array
+        self.device = device
+        self.shape = torch.Size(array.shape)
+        self.dtype = torch.from_numpy(np.zeros(0, dtype=array.dtype)).dtype
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index: torch.Tensor) -> torch.Tensor:
+        positions = index.detach().cpu().numpy()
+        order = np.argsort(positions, kind="stable")
+        rows = np.empty((len(positions), *self.array.shape[1:]), dtype=self.array.dtype)
+        rows[order] = self.array[positions[order]]        # forward reads through the map
+        tensor = torch.from_numpy(rows)
+        if self.device.type == "cuda":
+            return tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor
+
+
+def device_budget_bytes(device: torch.device) -> int:
+    """Bytes a dataset may occupy on `device` under `auto` residency: half of the GPU's free memory, or half
+    of the host's physical memory for the CPU."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free // 2
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
+def choose_residency(arrays: dict[str, np.ndarray], device: torch.device, residency: Residency) -> str:
+    """`device` (both modalities copied to the run device) or `mapped` (left in host maps); `auto` copies
+    when both fit in device_budget_bytes."""
+    if residency != "auto":
+        return residency
+    total = sum(arrays[key].nbytes for key in ("m1", "m2"))
+    return "device" if total <= device_budget_bytes(device) else "mapped"
 
 
 @dataclass
@@ -19,15 +73,25 @@ class DeviceDataset:
     sample's position in the full dataset, used by methods that keep per-sample state or caches).
     """
 
-    m1: torch.Tensor
-    m2: torch.Tensor
+    m1: torch.Tensor | MappedModality
+    m2: torch.Tensor | MappedModality
     y: torch.Tensor
 
     @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray], device: torch.device) -> "DeviceDataset":
-        return cls(m1=torch.from_numpy(np.ascontiguousarray(arrays["m1"])).to(device),
-                   m2=torch.from_numpy(np.ascontiguousarray(arrays["m2"])).to(device),
-                   y=torch.from_numpy(np.ascontiguousarray(arrays["labels"])).to(device))
+    def from_arrays(cls, arrays: dict[str, np.ndarray], device: torch.device,
+                    residency: Residency = "device") -> "DeviceDataset":
+        """The dataset on `device`; with `mapped` (or `auto` when it does not fit), m1 and m2 stay in the
+        given (memory-mapped) arrays and batches are gathered from them. Labels always live on the device."""
+        where = choose_residency(arrays, device, residency)
+        if where == "mapped":
+            m1, m2 = (MappedModality(arrays[key], device) for key in ("m1", "m2"))
+        else:
+            m1, m2 = (torch.from_numpy(np.array(arrays[key])).to(device) for key in ("m1", "m2"))
+        return cls(m1=m1, m2=m2, y=torch.from_numpy(np.array(arrays["labels"])).to(device))
+
+    @property
+    def mapped(self) -> bool:
+        return isinstance(self.m1, MappedModality)
 
     def __len__(self) -> int:
         return len(self.y)
@@ -45,5 +109,14 @@ class DeviceDataset:
         batch may be smaller (drop_last=False, as the authors' loaders)."""
         if generator is not None:
             index = index[torch.randperm(len(index), generator=generator).to(index.device)]
-        for start in range(0, len(index), batch_size):
-            yield self.batch(index[start:start + batch_size])
+        chunks = [index[start:start + batch_size] for start in range(0, len(index), batch_size)]
+        if not self.mapped:
+            for chunk in chunks:
+                yield self.batch(chunk)
+            return
+        with ThreadPoolExecutor(max_workers=1) as pool:   # gather batch i+1 while batch i trains
+            pending = pool.submit(self.batch, chunks[0]) if chunks else None
+            for i in range(len(chunks)):
+                ready = pending.result()
+                pending = pool.submit(self.batch, chunks[i + 1]) if i + 1 < len(chunks) else None
+                yield ready

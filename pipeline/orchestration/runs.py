@@ -102,9 +102,9 @@ def load_dataset(params: Params, key: str, prepared_dir: Path, device: torch.dev
     splits = {}
     for seed in params.seeds:
         column = read_split_column(prepared_dir / SPLIT_FILE, seed, n)
-        splits[seed] = split_positions(column, params.splits.train_fraction, params.splits.val_fraction).to(device)
-    data = DeviceDataset.from_arrays({"m1": np.array(arrays["m1"]), "m2": np.array(arrays["m2"]),
-                                      "labels": np.array(arrays["labels"])}, device)
+        splits[seed] = split_positions(column, params.splits.train_fraction, params.splits.val_fraction,
+                                       groups=arrays.get("groups")).to(device)
+    data = DeviceDataset.from_arrays(arrays, device, params.engine.data_residency)
     return LoadedDataset(spec, data, splits)
 
 

@@ -31,7 +31,10 @@ class TrainingParams:
 class EngineParams:
     """`selection`: which checkpoint is kept — `val_loss` (lowest validation CE; the authors' rule, Q9)
     or `val_accuracy`. `cache_frozen_outputs`: compute frozen teachers' outputs once per sample
-    (exactly equivalent; false re-runs the teacher every batch)."""
+    (exactly equivalent; false re-runs the teacher every batch). `data_residency`: where the prepared
+    tensors live during training — `device` (copied to the run device), `mapped` (memory-mapped on the host,
+    batches gathered and prefetched), `auto` (device when both modalities fit in half of its free memory)."""
 
     selection: Literal["val_loss", "val_accuracy"]
     cache_frozen_outputs: bool
+    data_residency: Literal["auto", "device", "mapped"] = "auto"

@@ -1,0 +1,1 @@
+"""Raw-format fixtures written by tests."""
