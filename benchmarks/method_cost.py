@@ -64,7 +64,7 @@ def build_method(name: str, params: Params, loaded: LoadedDataset, target: str, 
                            phase="dynamic_distillation", setting="full", method_params=mst,
                            restored={"networks": networks, "masks": SpecialistMasks(groups)})
         return MSTDistill.from_setup(dataclasses.replace(setup, cache_frozen_outputs=name == "mst"))
-    role = {"mm": "mm", "cm": spec.other(target)}.get(config)
+    role = "mm" if config == "mm" else spec.other(target) if config == "cm" else None
     setup = make_setup(loaded, params, 0, method=name, target=target, teacher_config=config,
                        student=loaded.role_network(target), teacher=loaded.role_network(role) if role else None)
     return method_class(name).from_setup(setup)

@@ -24,7 +24,7 @@ from tests.conftest import REPO
 LAYERS = [
     ("pipeline.errors", "pipeline.io", "pipeline.params"),
     ("pipeline.data", "pipeline.models", "pipeline.tracking", "pipeline.reporting.figures"),
-    ("pipeline.training",),
+    ("pipeline.training", "pipeline.extraction"),
     ("pipeline.methods",),
     ("pipeline.orchestration", "pipeline.reporting.tables"),
 ]
@@ -176,6 +176,11 @@ def _stages() -> list[tuple[str, dict]]:
     for name, body in dvc["stages"].items():
         if "foreach" in body:
             items = params[body["foreach"].strip("${}")]
+            if isinstance(items, list):            # e.g. studies: DVC names list stages by item
+                items = {item: item for item in items}
+            if name == "extract" and not items:    # none by default: check every extraction stage anyway
+                from pipeline.extraction.settings import EXTRACTORS
+                items = {key: f"data/raw/{key}" for key in EXTRACTORS}
             for key, item in items.items():
                 out.append((f"{name}@{key}", resolve(body["do"], {"key": key, "item": item})))
         elif "matrix" in body:

@@ -39,8 +39,10 @@ def test_params_block_parses():
     p = parse(C2KDParams, raw_params()["c2kd"], "c2kd", "test")
     assert p == _params()
     assert p.teachers == ["cm"]
-    assert p.taps == {"three_layer_cnn_a": {"lenet5": C2KDTaps(teacher="conv3_maxpool", student="fc1")},
-                      "lenet5": {"three_layer_cnn_a": C2KDTaps(teacher="fc1", student="conv3_maxpool")}}
+    assert p.taps["three_layer_cnn_a"] == {"lenet5": C2KDTaps(teacher="conv3_maxpool", student="fc1")}
+    assert p.taps["lenet5"] == {"three_layer_cnn_a": C2KDTaps(teacher="fc1", student="conv3_maxpool")}
+    assert p.taps["visual_branch_net"] == {"audio_branch_net": C2KDTaps(teacher="fc1", student="fc1")}  # spec §2.10
+    assert p.taps["mlp_tb"] == {"mlp_vb": C2KDTaps(teacher="fc2", student="fc2")}
     assert (p.lr, p.momentum, p.krc, p.lr_schedule, p.selection) == (0.01, 0.9, 0.0, "constant", "val_loss")
     assert (p.poly_power, p.poly_min_lr, p.selection_start) == (0.9, 1e-4, 0.8)
 

@@ -279,7 +279,7 @@ def test_memory_bound_and_bad_taps_are_clear_errors():
 def test_params_block_parses():
     params = _params()
     assert params.teachers == ["mm", "cm"]
-    assert params.nce_k == {"av_digits": 4096, "av_mnist": 4096}
+    assert params.nce_k == {key: 4096 for key in ("av_digits", "av_mnist", "ravdess", "vggsound50k", "crisismmd_v2")}
     assert (params.feat_dim, params.nce_t, params.momentum, params.original_weight) == (128, 0.07, 0.5, 0.8)
     assert (params.loss_form, params.max_memory_mb, params.cache_max_mb) == ("authors", 4096.0, 1024.0)
     assert params.taps["three_layer_cnn_a"]["lenet5"] == PairTaps(FeatureTap("conv3", 2), FeatureTap("fc1", 0))

@@ -71,8 +71,10 @@ def test_params_block_parses():
     assert params == dataclasses.replace(_params(), co_epochs=raw["co_epochs"], repeat_permute=raw["repeat_permute"])
     assert params.teachers == ["cm"] and params.co_lr == 0.001 and params.ratio == 0.75
     assert params.co_epochs == raw["co_epochs"] and params.repeat_permute["av_mnist"] == 10
-    assert params.salience_batch_multiplier == {"av_digits": 6, "av_mnist": 6}
-    assert params.taps == {"three_layer_cnn_a": {"lenet5": "conv3"}, "lenet5": {"three_layer_cnn_a": "fc1"}}
+    assert set(params.salience_batch_multiplier.values()) == {6}
+    assert {t: row for t, row in params.taps.items() if t in ("three_layer_cnn_a", "lenet5")} == {
+        "three_layer_cnn_a": {"lenet5": "conv3"}, "lenet5": {"three_layer_cnn_a": "fc1"}}
+    assert params.taps["mlp_vb"] == {"mlp_tb": "fc2"}   # the unimodal nets' fc2 (baselines-spec.md §2.9)
     assert params.salience_taps["three_layer_cnn_a"]["lenet5"] == "conv3_maxpool"
     assert params.salience_taps["lenet5"]["three_layer_cnn_a"] == "fc1"
     assert (params.kd_form, params.salience) == ("authors", "all_batches")

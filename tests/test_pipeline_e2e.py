@@ -248,29 +248,32 @@ def test_misspelled_param_fails_before_training(clone):
     original = params_path.read_text()
     try:
         params_path.write_text(original.replace("temperature:", "temprature:"))
-        result = _run(["dvc", "repro"], clone, check=False)
+        result = _run(["dvc", "repro", "--single-item", "distill@av_digits-kd"], clone, check=False)
         assert result.returncode != 0
         assert re.search(r"error: params\.yaml: \w+\.temprature: unknown key \(did you mean 'temperature'\?\)",
                          result.stderr), result.stderr
         assert "Traceback" not in result.stderr
     finally:
         params_path.write_text(original)
-        _run(["dvc", "repro"], clone)  # the failed stage removed its outputs: restore them for the next tests
+        # the failed stage removed its outputs: restore them for the next tests
+        _run(["dvc", "repro", "--single-item", "distill@av_digits-kd"], clone)
 
 
 def test_topk_override_reruns_only_stage_3(clone):
-    out = _run(["dvc", "exp", "run", "-S", "topk=2", "-n", "top2"], clone).stdout
+    """`dvc exp run -S topk=2` of phase 3 reuses phases 1 and 2; of the other stages only those that route top-k
+    too (the ablation's settings, the method variants) and the report go stale; the sweep and the baselines stay
+    valid. (Phase 3 alone is run: the stale stages are read from `dvc status`, which costs no training.)"""
+    out = _run(["dvc", "exp", "run", "-S", "topk=2", "-n", "top2", "mst_s3@av_digits"], clone).stdout
     ran = re.findall(r"Running stage '([^']+)'", out)
-    # the ablation's settings and the method variants route top-k too; phases 1 and 2, the sweep and the
-    # baselines are reused
-    assert sorted(ran) == ["mst_ablation@av_digits", "mst_s3@av_digits", "mst_variants@av_digits", "report"], out
+    assert ran == ["mst_s3@av_digits"], out
+    stale = json.loads(_run(["dvc", "status", "--json"], clone).stdout)
+    assert sorted(stale) == ["mst_ablation@av_digits", "mst_variants@av_digits", "report"], stale
     shown = _run(["dvc", "exp", "show", "--json"], clone).stdout
     assert "top2" in shown
     _, runs = _mlflow_runs(clone)
     top2 = [r for r in runs if r.data.tags.get("dvc.exp_name") == "top2" and r.data.tags.get("run.role") == "training"]
     assert all(r.data.params["mst.topk"] == "2" for r in top2 if r.data.params["phase"] == "dynamic_distillation")
-    assert all("mst.topk" not in r.data.params for r in top2 if r.data.params["phase"] == "specialist_adaptation")
-    assert len([r for r in top2 if r.data.tags["run.stage"] == "mst_s3"]) == 2 * len(SEEDS)
+    assert len([r for r in top2 if r.data.tags["run.stage"] == "mst_s3"]) == 2 * len(SEEDS) == len(top2)
 
 
 def test_registry_and_stages_agree():

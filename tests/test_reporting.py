@@ -202,3 +202,38 @@ def test_paired_gains_subtract_the_same_seeds_wo_kd():
     # KD (MM) image 64, 66 against w/o KD 60, 62: +4, +4; audio 42, 42 against 40, 44: +2, -2
     assert "| KD (MM) | +4.00 ± 0.00 (2/2) | +0.00 ± 2.83 (1/2) |" in text
     assert "| KD (CM) | -10.00 ± 0.00 (0/2) | – |" in text
+
+
+def test_table1_prints_the_papers_value_and_the_difference_beside_ours():
+    """For a dataset of the paper, a cell the paper reports shows its value and ours − paper (Markdown and CSV);
+    a cell it does not report shows ours alone."""
+    runs = [dict(r, dataset="crisismmd_v2", target={"image": "image", "audio": "text"}.get(r["target"], r["target"]))
+            for r in RUNS]
+    paper = {("crisismmd_v2", "table1", "kd_mm", "image"): 63.5, ("crisismmd_v2", "table1", "wo_kd", "text"): 40.0}
+    summary = table1(runs, ["crisismmd_v2"])
+    lines = table1_markdown(summary, ["crisismmd_v2"], paper).splitlines()
+    assert lines[0] == "| Method | CrisisMMD-V2 Image | CrisisMMD-V2 Text |"
+    assert lines[2] == "| w/o KD | <u>61.00 ± 1.41</u> | **42.00 ± 2.83** (paper 40.00; Δ +2.00) |"
+    assert lines[3] == "| KD (MM) | **65.00 ± 1.41** (paper 63.50; Δ +1.50) | **42.00 ± 0.00** |"
+    rows = {r["row_key"]: r for r in csv.DictReader(io.StringIO(table1_csv(summary, ["crisismmd_v2"], paper)))}
+    assert float(rows["kd_mm"]["crisismmd_v2/image/paper"]) == 63.5
+    assert float(rows["kd_mm"]["crisismmd_v2/image/diff"]) == pytest.approx(1.5)
+    assert rows["kd_cm"]["crisismmd_v2/image/paper"] == "" and rows["kd_cm"]["crisismmd_v2/image/diff"] == ""
+    untranscribed = table1_markdown(summary, ["crisismmd_v2"], {})
+    assert "Not transcribed yet for CrisisMMD-V2" in untranscribed
+
+
+def test_confusion_matrix_of_many_classes_is_drawn_without_per_cell_labels(tmp_path, monkeypatch):
+    """VGGSound's 141 classes: a colour-only heat map (19,881 cell labels would take matplotlib ~25 s)."""
+    import matplotlib.axes
+    import numpy as np
+
+    from pipeline.reporting.figures import confusion_matrix_png
+
+    labels = []
+    original = matplotlib.axes.Axes.text
+    monkeypatch.setattr(matplotlib.axes.Axes, "text", lambda self, *a, **k: labels.append(a) or original(self, *a, **k))
+    path = confusion_matrix_png(np.eye(141, dtype=np.int64), tmp_path / "c141.png", "141 classes")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and labels == []
+    confusion_matrix_png(np.eye(8, dtype=np.int64), tmp_path / "c8.png", "8 classes")
+    assert len(labels) == 64

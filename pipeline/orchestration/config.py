@@ -24,6 +24,7 @@ from typing import Any, Literal
 from pipeline.data.av_digits import AVDigitsRecipe
 from pipeline.data.catalog import DATASETS
 from pipeline.data.splits import SplitParams
+from pipeline.extraction.settings import EXTRACTORS, ExtractionParams, extracted_folder
 from pipeline.methods import check_teacher_config, method_class, method_names
 from pipeline.params import (NON_NEGATIVE, POSITIVE, BlockError, UnlistedParamError, fail, listed_params,
                              parse, read_yaml, restrict_to)
@@ -41,6 +42,9 @@ class Params:
     workers: int = field(metadata=NON_NEGATIVE)
     threads_per_run: int = field(metadata=POSITIVE)
     datasets: dict[str, str]
+    studies: list[str]
+    extract: dict[str, str]
+    extraction: ExtractionParams
     methods: list[str]
     av_digits: AVDigitsRecipe
     splits: SplitParams
@@ -125,6 +129,26 @@ def _cross_checks(p: Params, source: str) -> None:
             close = difflib.get_close_matches(name, DATASETS, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise fail(source, f"datasets.{name}", f"unknown dataset{hint}; known: {', '.join(DATASETS)}")
+    for i, name in enumerate(p.studies):
+        if name not in p.datasets:
+            raise fail(source, f"studies[{i}]", f"{name!r} is not an enabled dataset; expected one of "
+                                               f"{', '.join(p.datasets)}")
+    if len(set(p.studies)) != len(p.studies):
+        raise fail(source, "studies", f"studies must be distinct, got {p.studies}")
+    for name, raw_dir in p.extract.items():
+        if name not in EXTRACTORS:
+            raise fail(source, f"extract.{name}", f"no extraction stage for this dataset; datasets extracted from "
+                                                  f"raw files: {', '.join(EXTRACTORS)}")
+        if name in p.datasets and p.datasets[name].rstrip("/") != extracted_folder(name):
+            raise fail(source, f"datasets.{name}", f"reads {p.datasets[name]!r}, but extract.{name} writes "
+                                                   f"{extracted_folder(name)!r}; point it there (or remove "
+                                                   f"extract.{name} to read a prepared folder directly)")
+    for i, name in enumerate(p.splits.disjoint_groups):
+        spec = DATASETS.get(name)
+        if spec is None or spec.groups is None:
+            grouped = [k for k, s in DATASETS.items() if s.groups]
+            raise fail(source, f"splits.disjoint_groups[{i}]", f"{name!r} has no sample groups to split by; "
+                                                                f"datasets with groups: {', '.join(grouped)}")
     for block in ("training", "teacher_training"):
         for name in getattr(p, block):
             if name not in DATASETS:

@@ -34,7 +34,8 @@ def write_reports(results_dir: Path, out_dir: Path, datasets: list[str]) -> dict
     runs = read_runs(results_dir, datasets)
     t1, t3, teachers = table1(runs, datasets), table3(runs, datasets), teachers_summary(runs, datasets)
     metrics = metrics_summary(t1, t3)
-    outputs = {"table1.md": table1_markdown(t1, datasets), "table1.csv": table1_csv(t1, datasets),
+    paper = paper_outputs.read_paper_values()
+    outputs = {"table1.md": table1_markdown(t1, datasets, paper), "table1.csv": table1_csv(t1, datasets, paper),
                "table3.md": table3_markdown(t3, datasets), "table3.csv": table3_csv(t3, datasets),
                "teachers.md": teachers_markdown(teachers),
                "metrics.json": json.dumps(metrics, indent=2, sort_keys=True) + "\n"}

@@ -147,33 +147,61 @@ def _cell_text(cell: dict | None, mark: str | None) -> str:
     return text + " †" if cell.get("flagged") else text
 
 
-def table1_markdown(summary: dict, datasets: list[str]) -> str:
+PaperValues = dict[tuple[str, str, str, str], float]   # (dataset, table, row key, target modality) -> value (%)
+
+
+def _paper_note(cell: dict | None, published: float | None) -> str:
+    """" (paper P; Δ ±D)" for a cell the paper reports: its value and ours − paper."""
+    if published is None:
+        return ""
+    diff = f"; Δ {cell['mean'] - published:+.2f}" if cell else ""
+    return f" (paper {published:.2f}{diff})"
+
+
+def table1_markdown(summary: dict, datasets: list[str], paper: PaperValues | None = None) -> str:
+    """Table 1 as Markdown; where the paper reports a cell (`paper`), its value and the difference follow ours."""
+    paper = paper or {}
     columns = _columns(datasets)
     header = ["Method"] + [f"{dataset_spec(d).display_name} {m.capitalize()}" for d, m in columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" + "---:|" * len(columns)]
     marks = {c: _rank_marks(summary[c[0]][c[1]]) for c in columns}
     for row in table1_rows():
-        cells = [_cell_text(summary[d][m].get(row.key), marks[(d, m)].get(row.key)) for d, m in columns]
+        cells = [_cell_text(summary[d][m].get(row.key), marks[(d, m)].get(row.key))
+                 + _paper_note(summary[d][m].get(row.key), paper.get((d, "table1", row.key, m))) for d, m in columns]
         lines.append("| " + " | ".join([row.label, *cells]) + " |")
     n_seeds = sorted({cell["n"] for d, m in columns for cell in summary[d][m].values()})
     lines += ["", f"Test accuracy (%) of the checkpoint with the lowest validation loss, mean ± sample std over "
                   f"{'/'.join(map(str, n_seeds))} seeds. **Bold**: best; <u>underlined</u>: second best. "
                   "MM: multimodal teacher; CM: cross-modal (other-modality) teacher."]
+    in_paper = [d for d in datasets if dataset_spec(d).in_paper]
+    if in_paper:
+        missing = [dataset_spec(d).display_name for d in in_paper if not any(k[0] == d for k in paper)]
+        lines.append("(paper P; Δ D): the paper's published value and ours − paper."
+                     + (f" Not transcribed yet for {', '.join(missing)} (pipeline/reporting/paper_values.csv)."
+                        if missing else ""))
     lines += flag_captions([(f"{row.label}, {dataset_spec(d).display_name} {m}", summary[d][m].get(row.key))
                             for row in table1_rows() for d, m in columns])
     return "\n".join(lines) + "\n"
 
 
-def table1_csv(summary: dict, datasets: list[str]) -> str:
+def table1_csv(summary: dict, datasets: list[str], paper: PaperValues | None = None) -> str:
+    """Table 1 as CSV: mean, std, n per column, and for the paper's datasets the paper's value and ours − paper."""
+    paper = paper or {}
     columns = _columns(datasets)
+    stats = {c: ("mean", "std", "n", "paper", "diff") if dataset_spec(c[0]).in_paper else ("mean", "std", "n")
+             for c in columns}
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["method", "row_key"] + [f"{d}/{m}/{s}" for d, m in columns for s in ("mean", "std", "n")])
+    writer.writerow(["method", "row_key"] + [f"{d}/{m}/{s}" for d, m in columns for s in stats[(d, m)]])
     for row in table1_rows():
         values = []
         for d, m in columns:
             cell = summary[d][m].get(row.key)
             values += [cell["mean"], cell["std"], cell["n"]] if cell else ["", "", ""]
+            if len(stats[(d, m)]) == 5:
+                published = paper.get((d, "table1", row.key, m))
+                values += ["" if published is None else published,
+                           "" if published is None or not cell else round(cell["mean"] - published, 4)]
         writer.writerow([row.label, row.key] + values)
     return buffer.getvalue()
 

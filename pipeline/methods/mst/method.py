@@ -104,7 +104,8 @@ class MSTDistill(DistillationMethod):
         p: MSTParams = setup.method_params
         phase = setup.phase or "dynamic_distillation"
         needs = {"collaborative_init": ("collaborative_init_epochs",),
-                 "specialist_adaptation": ("hidden_factor", "specialist_adaptation_epochs")}.get(phase, ())
+                 "specialist_adaptation": ("hidden_factor", "specialist_adaptation_epochs",
+                                           "specialist_adaptation_lr")}.get(phase, ())
         for block in needs:
             if setup.dataset not in getattr(p, block):
                 raise KeyError(f"mst.{block}.{setup.dataset} is missing")
@@ -165,7 +166,7 @@ class MSTDistill(DistillationMethod):
                                              detach_peer=p.collaborative_init_detach, context=context)]
         if self.phase == "specialist_adaptation":
             return [specialist_phase(self.student, self.groups, epochs=p.specialist_adaptation_epochs[self.dataset],
-                                     lr=p.specialist_adaptation_lr, temperature=p.temperature, context=context)]
+                                     lr=p.specialist_adaptation_lr[self.dataset], temperature=p.temperature, context=context)]
         return [self.main_phase(context)]
 
     def prepare(self, context: RunContext) -> None:
@@ -195,7 +196,8 @@ class MSTDistill(DistillationMethod):
 
     def run_extras(self, result: Any) -> dict[str, Any]:
         if self.phase == "specialist_adaptation":
-            return {"val_score": result.final.best_metrics["val_score"]}
+            # absent when no epoch was finite (the run stopped on a non-finite loss; its health report says so)
+            return {"val_score": result.final.best_metrics.get("val_score")}
         extras: dict[str, Any] = {}
         if self.phase == "dynamic_distillation":
             setting = STAGE_SETTINGS[self.setting]

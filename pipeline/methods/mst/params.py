@@ -22,7 +22,7 @@ class MSTParams:
     names MaskNets attach to, in order; the first `mask_layer_num` are used. `hidden_factor`: per dataset,
     MaskNet token width h = ⌊D/(factor·heads)⌋·heads (paper: 2). `collaborative_init_epochs` and
     `specialist_adaptation_epochs`: per dataset, the epochs of phases 1 and 2 (Q1: the authors' HEAD runs 1
-    and 1). `specialist_adaptation_lr`: the MaskNets' Adam lr. `collaborative_init_detach`: DML-style
+    and 1). `specialist_adaptation_lr`: per dataset, the MaskNets' Adam lr (the authors' `--s2_lr`, 1e-4). `collaborative_init_detach`: DML-style
     detached alignment targets in phase 1 (paper Table 7).
     `lb_mode`: `kl` (paper Eq. 17) or `cv` (paper Table 8). `stacked_hooks` (Q2): a teacher's second
     specialist keeps its first MaskNet attached too. `lb_divide_by_n` (Q6): the KL load balancing divided by
@@ -37,7 +37,8 @@ class MSTParams:
     hooks: dict[str, list[str]]
     collaborative_init_epochs: dict[str, int] = field(metadata=EPOCHS_PER_DATASET)
     specialist_adaptation_epochs: dict[str, int] = field(metadata=EPOCHS_PER_DATASET)
-    specialist_adaptation_lr: float = field(metadata=POSITIVE)
+    specialist_adaptation_lr: dict[str, float] = field(metadata=each_value(lambda v: v > 0,
+                                                                            "numbers > 0 per dataset"))
     collaborative_init_detach: bool
     lambda_kd: float = field(metadata=NON_NEGATIVE)
     lambda_lb: float = field(metadata=NON_NEGATIVE)
