@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+import time
 
 import pytest
 import torch
@@ -281,8 +282,21 @@ def test_peak_memory_sees_a_transient_allocation_on_cpu():
     from pipeline.training.runtime import PeakMemory
 
     with PeakMemory(torch.device("cpu")) as meter:
-        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched, then freed
+        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched, held past a few samples, then freed
+        time.sleep(0.1)
         del block
-    if meter.peak_mb is None:
-        pytest.skip("this platform exposes no /proc/self/clear_refs")
+    assert meter.peak_mb is not None, "Linux exposes /proc/self/status"
+    assert 48 <= meter.peak_mb <= 200
+
+
+def test_peak_memory_falls_back_on_sampling_where_the_kernel_keeps_no_high_water_mark(monkeypatch):
+    """As on a CI sandbox: the clear_refs reset is accepted but VmHWM only ever equals the current size."""
+    from pipeline.training import runtime
+
+    real = runtime._status_kib
+    monkeypatch.setattr(runtime, "_status_kib", lambda name: real("VmRSS"))
+    with runtime.PeakMemory(torch.device("cpu")) as meter:
+        block = torch.ones(64 * 2**20 // 4)
+        time.sleep(0.1)
+        del block
     assert 48 <= meter.peak_mb <= 200
