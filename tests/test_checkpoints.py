@@ -65,7 +65,7 @@ def test_saved_file_is_weights_only_readable(saved):
     """The file loads with torch.load(weights_only=True) and holds the documented keys."""
     path, net = saved
     payload = torch.load(path, map_location="cpu", weights_only=True)
-    assert set(payload) == {"arch", "inputs", "num_classes", "input_shapes", "state_dict"}
+    assert set(payload) == {"arch", "inputs", "num_classes", "input_shapes", "structure", "state_dict"}
     assert payload["arch"] == "lenet5"
     assert payload["inputs"] == ["m1"]
     assert payload["num_classes"] == 10

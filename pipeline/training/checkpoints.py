@@ -21,7 +21,7 @@ def save_checkpoint(path: Path, network: Network, state_dict: dict[str, torch.Te
     """Write atomically (temporary file, then rename), so a crash never leaves a half checkpoint."""
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"arch": network.arch, "inputs": list(network.inputs), "num_classes": num_classes,
-               "input_shapes": [list(shape) for shape in input_shapes],
+               "input_shapes": [list(shape) for shape in input_shapes], "structure": dict(network.structure),
                "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()}}
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(payload, tmp)
@@ -52,7 +52,7 @@ def load_checkpoint(path: Path, device: torch.device, expect_arch: str | None = 
         # everything initialised after a load (MaskNets, a GateNet) would depend on how many checkpoints came first
         with torch.random.fork_rng(devices=[]):
             network = build_network(payload["arch"], payload["inputs"], payload["num_classes"],
-                                    [tuple(s) for s in payload["input_shapes"]])
+                                    [tuple(s) for s in payload["input_shapes"]], payload.get("structure") or {})
     except (KeyError, ValueError, TypeError) as err:
         raise CheckpointError(f"{path}: describes a network that cannot be built: {err}") from err
     try:
