@@ -3,12 +3,13 @@ every seed."""
 
 from pathlib import Path
 
+from pipeline.data.catalog import dataset_spec
 from pipeline.io import check_writable
 from pipeline.methods import method_class
 from pipeline.orchestration.distill import distill
 from pipeline.orchestration.config import load_params
 from pipeline.orchestration.jobs import open_device
-from pipeline.orchestration.runs import load_dataset, write_records
+from pipeline.orchestration.runs import check_applicable, load_dataset, write_records
 from pipeline.tracking import open_tracker
 from stages.common import parser, run_stage
 
@@ -24,6 +25,7 @@ def main() -> None:
     params = load_params(args.params)
     device = open_device(params)
     method_class(args.method)  # fail on an unknown method before loading anything
+    check_applicable(args.method, dataset_spec(args.dataset))
     check_writable(args.results)
     loaded = load_dataset(params, args.dataset, args.prepared, device)
     with open_tracker(params.tracking.mlflow, args.dataset, Path(args.params), args.method) as tracker:

@@ -46,6 +46,16 @@ def shrunk_raw(seeds=(0,), epochs: int = 2, batch_size: int = 16, **overrides) -
     raw["fitnets"]["hint_epochs"]["av_digits"] = 1
     raw["mgdfr"]["co_epochs"]["av_digits"] = 1
     raw["mgdfr"]["repeat_permute"]["av_digits"] = 1
+    # the segmentation stand-in (Table 2) at toy size: a few 32x32 scenes, the narrowest FuseNets
+    raw["rgbd_digits"]["n_scenes"] = 20
+    raw["fusenet"]["width"]["rgbd_digits"] = 0.0625
+    for block in ("training", "teacher_training"):
+        raw[block]["rgbd_digits"].update(epochs=min(epochs, 2), batch_size=4, patience=0, min_epochs=0)
+    raw["mst"]["collaborative_init_epochs"]["rgbd_digits"] = 1
+    raw["mst"]["specialist_adaptation_epochs"]["rgbd_digits"] = 1
+    raw["fitnets"]["hint_epochs"]["rgbd_digits"] = 1
+    raw["mgdfr"]["co_epochs"]["rgbd_digits"] = 1
+    raw["mgdfr"]["repeat_permute"]["rgbd_digits"] = 1
     raw.update(overrides)
     return raw
 

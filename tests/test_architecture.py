@@ -172,10 +172,16 @@ def _stages() -> list[tuple[str, dict]]:
             keys.extend(entry if isinstance(entry, list) else [substitute(entry, variables)])
         return {"cmd": substitute(body["cmd"], variables), "deps": deps, "params": keys}
 
+    def lookup(dotted: str):
+        value = params
+        for part in dotted.strip("${}").split("."):
+            value = value[part]
+        return value
+
     out = []
     for name, body in dvc["stages"].items():
         if "foreach" in body:
-            items = params[body["foreach"].strip("${}")]
+            items = lookup(body["foreach"])
             if isinstance(items, list):            # e.g. studies: DVC names list stages by item
                 items = {item: item for item in items}
             if name == "extract" and not items:    # none by default: check every extraction stage anyway
@@ -184,7 +190,7 @@ def _stages() -> list[tuple[str, dict]]:
             for key, item in items.items():
                 out.append((f"{name}@{key}", resolve(body["do"], {"key": key, "item": item})))
         elif "matrix" in body:
-            axes = {axis: params[values.strip("${}")] if isinstance(values, str) else values
+            axes = {axis: lookup(values) if isinstance(values, str) else values
                     for axis, values in body["matrix"].items()}
             combos = [{}]
             for axis, values in axes.items():

@@ -52,8 +52,10 @@ def test_mask_values_are_in_unit_interval_and_applied_per_dimension_or_channel()
     mask = mask_1d(vector)
     assert mask.shape == (5, 12) and bool(((mask > 0) & (mask < 1)).all())
     torch.testing.assert_close(apply_mask(mask_1d, vector), mask * vector)
-    squeezed = apply_mask(mask_1d, vector[:, :, None, None])   # a (B,C,1,1) conv output is squeezed, as the authors
-    assert squeezed.shape == (5, 12)
+    # a (B,C,1,1) conv output goes squeezed through a MaskNet_1d, as the authors', and keeps its shape
+    one_by_one = apply_mask(mask_1d, vector[:, :, None, None])
+    assert one_by_one.shape == (5, 12, 1, 1)
+    torch.testing.assert_close(one_by_one.flatten(1), mask * vector)
     fmap = torch.randn(5, 6, 8, 8)
     mask_2d = MaskNet2d(6, hidden_factor=1, heads=3).eval()
     masked = apply_mask(mask_2d, fmap)
@@ -249,7 +251,7 @@ def test_loss_weight_schedules_paper_and_authors():
 
 def _objective(groups, cache: bool, topk: int = 1, lb_mode: str = "kl") -> DynamicDistillation:
     torch.manual_seed(5)  # the same GateNet for every objective
-    return DynamicDistillation(specialists_of(groups, stacked_hooks=False), 10, topk=topk, temperature=4.0,
+    return DynamicDistillation(specialists_of(groups, stacked_hooks=False), (10,), topk=topk, temperature=4.0,
                                lb_mode=lb_mode, lb_divide_by_n=False, weights=LossWeights(), cache=cache)
 
 

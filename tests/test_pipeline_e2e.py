@@ -90,6 +90,23 @@ def test_table1_has_every_row_for_both_targets(clone):
     assert "| Method | AV-Digits Image | AV-Digits Audio |" in markdown and "**" in markdown
 
 
+def test_table2_has_every_segmentation_row_for_both_students_and_metrics(clone):
+    from pipeline.reporting.table2 import table2_rows
+
+    rows = list(csv.DictReader((clone / "reports" / "table2.csv").open()))
+    assert [r["method"] for r in rows] == [row.label for row in table2_rows()]
+    assert [r["row_key"] for r in rows] == ["wo_kd", "kd_mm", "kd_cm", "fitnets_mm", "fitnets_cm", "dml",
+                                            "mgdfr_cm", "c2kd_cm", "mst"]
+    for row in rows:
+        for modality in ("rgb", "depth"):
+            for metric in ("oa", "aa", "miou"):
+                assert 0.0 <= float(row[f"rgbd_digits/{modality}/{metric}/mean"]) <= 100.0
+                assert int(row[f"rgbd_digits/{modality}/{metric}/n"]) == len(SEEDS)
+    markdown = (clone / "reports" / "table2.md").read_text()
+    assert "| Method | RGB OA | RGB AA | RGB mIoU | Depth OA | Depth AA | Depth mIoU |" in markdown
+    assert (clone / "reports" / "rgbd_digits_samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_dvc_metrics_are_the_table_cells_and_fit_on_a_screen(clone):
     metrics = json.loads(_run(["dvc", "metrics", "show", "--json"], clone).stdout)
     values = metrics[""]["data"]["reports/metrics.json"]["data"]["av_digits"]
@@ -100,7 +117,12 @@ def test_dvc_metrics_are_the_table_cells_and_fit_on_a_screen(clone):
                                                    if k not in ("wo_kd", "mst"))
     assert set(values["table3_mean"]) == {"baseline", "full"}
     shown = _run(["dvc", "metrics", "show", "--md"], clone).stdout
-    assert max(len(line) for line in shown.splitlines()) < 300  # was one 6,500-character line
+    # was one 6,500-character line; now 8 Table 1/3 cells and 6 Table 2 cells, ~460 characters
+    assert max(len(line) for line in shown.splitlines()) < 500
+    segmentation = metrics[""]["data"]["reports/metrics.json"]["data"]["rgbd_digits"]
+    table2 = {r["row_key"]: r for r in csv.DictReader((clone / "reports" / "table2.csv").open())}
+    assert segmentation["rgb"]["miou_mst"] == float(table2["mst"]["rgbd_digits/rgb/miou/mean"])
+    assert segmentation["depth"]["miou_wo_kd"] == float(table2["wo_kd"]["rgbd_digits/depth/miou/mean"])
 
 
 def test_table3_topk_sweep_and_routing_figures(clone):

@@ -1,7 +1,7 @@
 """The datasets the benchmark knows: modalities, classes, networks and how their raw files load.
 
 Dataset keys are spelled the same everywhere: `av_digits`, `av_mnist`, `ravdess`, `vggsound50k`, `crisismmd_v2`
-(and, as it lands, `nyu_depth_v2`).
+(classification, Table 1) and `rgbd_digits`, `nyu_depth_v2` (semantic segmentation, Table 2).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.data import crisismmd, ravdess, vggsound
+from pipeline.data import crisismmd, nyu_depth_v2, ravdess, vggsound
 from pipeline.data.av_mnist import load_av_mnist
 
 
@@ -28,6 +28,13 @@ class DatasetSpec:
     raw_layout: str                       # what a user must place in the raw folder
     in_paper: bool = True                 # False: not a dataset of the paper (no published numbers)
     groups: str | None = None             # what the loader's `groups` are (e.g. "actor"), for disjoint splits
+    task: str = "classification"          # or "segmentation": labels are (H, W) maps, outputs (C, H, W) logits
+    ignore_label: int | None = None       # the class no loss or metric counts (segmentation void)
+
+    @property
+    def label_ndim(self) -> int:
+        """Dimensions of one sample's label: 0 (a class) or 2 (an H×W map)."""
+        return 2 if self.task == "segmentation" else 0
 
     def modality_name(self, key: str) -> str:
         return "multimodal" if key == "mm" else self.modalities[key]
@@ -64,7 +71,28 @@ DATASETS: dict[str, DatasetSpec] = {
         key="crisismmd_v2", display_name="CrisisMMD-V2", modalities={"m1": "image", "m2": "text"}, num_classes=8,
         networks={"mm": "mlp_i", "m1": "mlp_vb", "m2": "mlp_tb"},
         load=lambda root, blocks: crisismmd.load(root), raw_layout=crisismmd.LAYOUT),
+    # semantic segmentation (Table 2): 40 classes + void (0), FuseNet (official-mst-spec.md §2.5, §3.5)
+    "nyu_depth_v2": DatasetSpec(
+        key="nyu_depth_v2", display_name="NYU-Depth-V2", modalities={"m1": "rgb", "m2": "depth"}, num_classes=41,
+        networks={"mm": "fusenet_i", "m1": "fusenet_rgb_branch", "m2": "fusenet_depth_branch"},
+        load=lambda root, blocks: nyu_depth_v2.load(root, num_classes=41), raw_layout=nyu_depth_v2.LAYOUT,
+        task="segmentation", ignore_label=0),
+    "rgbd_digits": DatasetSpec(
+        key="rgbd_digits", display_name="RGB-D Digits", modalities={"m1": "rgb", "m2": "depth"}, num_classes=12,
+        networks={"mm": "fusenet_i", "m1": "fusenet_rgb_branch", "m2": "fusenet_depth_branch"},
+        load=lambda root, blocks: nyu_depth_v2.load(root, num_classes=12), in_paper=False,
+        raw_layout=nyu_depth_v2.LAYOUT + ", built by the build_rgbd_digits stage", task="segmentation",
+        ignore_label=0),
 }
+
+
+@dataclass(frozen=True)
+class SegmentationParams:
+    """The `segmentation` params block: the semantic-segmentation datasets (Table 2; key -> folder the prepare
+    stage reads) and the baselines their distill stages run (those of the paper's Table 2)."""
+
+    datasets: dict[str, str]
+    methods: list[str]
 
 
 def dataset_spec(key: str) -> DatasetSpec:

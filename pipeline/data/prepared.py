@@ -5,7 +5,7 @@ read by every training stage (which never touch the raw files).
 Layout of `data/prepared/<dataset>/`:
     m1.npy       (N, ...) float32   first modality, normalised as the authors do
     m2.npy       (N, ...) float32   second modality
-    labels.npy   (N,)     int64     0..num_classes-1
+    labels.npy   (N,)     int64     0..num_classes-1 (segmentation: (N, H, W) label maps, void included)
     split_indices.csv               the authors' permutations, columns group_0 … group_{P-1}
     summary.json                    sizes, shapes, class counts
 """
@@ -73,7 +73,7 @@ def write_prepared(out_dir: Path, arrays: dict[str, np.ndarray | ChunkedArray], 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     summary = {**summary, "n_samples": n, "num_classes": num_classes,
-               "class_counts": np.bincount(labels, minlength=num_classes).tolist(),
+               "class_counts": np.bincount(labels.ravel(), minlength=num_classes).tolist(),   # pixels for maps
                "shapes": {key: list(arrays[key].shape[1:]) for key in ("m1", "m2")},
                "split_groups": None if groups is None else int(len(np.unique(groups)))}
     (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
@@ -94,9 +94,9 @@ def _write_arrays(tmp: Path, arrays, labels: np.ndarray, n: int, permutations: i
         write_split_file(tmp / SPLIT_FILE, make_group_permutations(groups, permutations, split_seed))
 
 
-def read_prepared(folder: Path, num_classes: int) -> dict[str, np.ndarray]:
-    """The prepared arrays of `folder`, memory-mapped and checked (files, dtypes, sample counts, labels);
-    every failure names the file."""
+def read_prepared(folder: Path, num_classes: int, label_ndim: int = 0) -> dict[str, np.ndarray]:
+    """The prepared arrays of `folder`, memory-mapped and checked (files, dtypes, sample counts, labels: one
+    class per sample, or with `label_ndim` 2 one H×W map); every failure names the file."""
     folder = Path(folder)
     hint = f"run the dataset's prepare stage (`dvc repro prepare@{folder.name}`)"
     if not folder.is_dir():
@@ -110,8 +110,9 @@ def read_prepared(folder: Path, num_classes: int) -> dict[str, np.ndarray]:
             raise DataError(f"{folder / ARRAY_FILES[key]}: {len(arrays[key])} samples but "
                             f"{folder / ARRAY_FILES['labels']} has {n}; {hint}")
     labels = arrays["labels"]
-    if labels.dtype != np.int64 or labels.ndim != 1 or (n and (labels.min() < 0 or labels.max() >= num_classes)):
-        raise DataError(f"{folder / ARRAY_FILES['labels']}: expected a 1-D int64 array of labels 0.."
+    if labels.dtype != np.int64 or labels.ndim != 1 + label_ndim or (
+            n and (labels.min() < 0 or labels.max() >= num_classes)):
+        raise DataError(f"{folder / ARRAY_FILES['labels']}: expected a {1 + label_ndim}-D int64 array of labels 0.."
                         f"{num_classes - 1}; {hint}")
     if (folder / GROUPS_FILE).is_file():
         arrays["groups"] = load_npy(folder / GROUPS_FILE, shape=(n,), hint=hint)

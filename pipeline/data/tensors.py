@@ -18,6 +18,9 @@ import numpy as np
 import torch
 
 Batch = dict[str, torch.Tensor]
+# Label value of an entry no loss or metric counts (segmentation void): PyTorch's default `ignore_index`, so
+# `F.cross_entropy(logits, y)` skips it exactly as the authors' `ignore_index=0` (the void class) does.
+IGNORE = -100
 Residency = Literal["auto", "device", "mapped"]
 
 
@@ -70,24 +73,31 @@ class DeviceDataset:
     """Both modalities and the labels of every sample, resident on one device.
 
     The batch schema is the same for every method and dataset: `m1`, `m2`, `y` and `index` (the
-    sample's position in the full dataset, used by methods that keep per-sample state or caches).
+    sample's position in the full dataset, used by methods that keep per-sample state or caches). `y` is
+    (N,) for classification and (N, H, W) for segmentation; labels of the dataset's `ignore_label` (void)
+    hold IGNORE, the task adapted once here so that no loss needs a dataset or task branch.
     """
 
     m1: torch.Tensor | MappedModality
     m2: torch.Tensor | MappedModality
     y: torch.Tensor
+    ignore_label: int | None = None     # the class the authors ignore (NYU: 0 = void), stored as IGNORE
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray], device: torch.device,
-                    residency: Residency = "device") -> "DeviceDataset":
+                    residency: Residency = "device", ignore_label: int | None = None) -> "DeviceDataset":
         """The dataset on `device`; with `mapped` (or `auto` when it does not fit), m1 and m2 stay in the
-        given (memory-mapped) arrays and batches are gathered from them. Labels always live on the device."""
+        given (memory-mapped) arrays and batches are gathered from them. Labels always live on the device,
+        those of `ignore_label` replaced by IGNORE."""
         where = choose_residency(arrays, device, residency)
         if where == "mapped":
             m1, m2 = (MappedModality(arrays[key], device) for key in ("m1", "m2"))
         else:
             m1, m2 = (torch.from_numpy(np.array(arrays[key])).to(device) for key in ("m1", "m2"))
-        return cls(m1=m1, m2=m2, y=torch.from_numpy(np.array(arrays["labels"])).to(device))
+        y = torch.from_numpy(np.array(arrays["labels"])).to(device)
+        if ignore_label is not None:
+            y = torch.where(y == ignore_label, torch.full_like(y, IGNORE), y)
+        return cls(m1=m1, m2=m2, y=y, ignore_label=ignore_label)
 
     @property
     def mapped(self) -> bool:

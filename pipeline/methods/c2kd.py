@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.data.tensors import Batch
+from pipeline.data.catalog import dataset_spec
+from pipeline.data.tensors import IGNORE, Batch
 from pipeline.methods.common.base import DistillationMethod, MethodSetup, register
 from pipeline.methods.common.features import PairTable, check_pair_table, pair_entry, probe_shapes
 from pipeline.methods.common.kl import hinton_kd_loss
@@ -47,7 +48,12 @@ class C2KDParams:
     the optimiser, Q1); `poly` = official: lr = poly_min_lr + (lr − poly_min_lr)·(1 − progress)^poly_power.
     Switch `selection`: default `val_loss` (authors: the engine's min validation CE of the student, every
     epoch); `late_val_accuracy` = official: best validation accuracy, ties to the later epoch, counting only
-    epochs ≥ ⌊selection_start·epochs⌋ (official: epoch ≥ 80 of 100)."""
+    epochs ≥ ⌊selection_start·epochs⌋ (official: epoch ≥ 80 of 100).
+    Segmentation (the authors' NYU code): proxies `ProxyNet_resoFixed` (1×1 conv + BN + ReLU, 1×1 conv to
+    K, bilinear upsampling to the output size) on decoder maps, an image's τ = the mean of its pixels' τ.
+    Switch `dense_mask`: default `authors` (their `ntkl_ss`: the non-target KL is a per-pixel mean over the
+    batch, computed whenever any image passes the τ test, unmasked); `per_image`: each image's mask weighs
+    its pixels, as a sample's mask does on classification."""
 
     teachers: list[str]
     taps: PairTable[C2KDTaps]
@@ -57,6 +63,7 @@ class C2KDParams:
     lr_schedule: Literal["constant", "poly"]
     poly_power: float = field(metadata={"check": (lambda v: v > 0, "a number > 0")})
     poly_min_lr: float = field(metadata={"check": (lambda v: v >= 0, "a number >= 0")})
+    dense_mask: Literal["authors", "per_image"]
     selection: Literal["val_loss", "late_val_accuracy"]
     selection_start: float = field(metadata={"check": (lambda v: 0 <= v < 1, "a number in [0, 1)")})
 
@@ -100,13 +107,44 @@ class ProxyNet(nn.Module):
         return self.fc(self.activation(self.bn(self.conv(self.pool(x)))).flatten(1))
 
 
-def build_proxy(feature_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    """ProxyNet1D for a per-sample vector (d,), ProxyNet for a per-sample map (C, H, W)."""
+class DenseProxyNet(nn.Module):
+    """Proxy head of a segmentation network (the authors' `ProxyNet_resoFixed`): 1×1 conv (C→C) + BN + ReLU,
+    1×1 conv (C→K), bilinear upsampling (align_corners False) to the network's output size."""
+
+    def __init__(self, channels: int, num_classes: int, output_size: tuple[int, int]) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, kernel_size=1)
+        self.bn = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, num_classes, kernel_size=1)
+        self.output_size = tuple(output_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.conv2(torch.relu(self.bn(self.conv1(x))))
+        return F.interpolate(logits, size=self.output_size, mode="bilinear", align_corners=False)
+
+
+def build_proxy(feature_shape: tuple[int, ...], num_classes: int,
+                output_shape: tuple[int, ...] | None = None) -> nn.Module:
+    """ProxyNet1D for a per-sample vector (d,), ProxyNet for a per-sample map (C, H, W); for a network whose
+    per-sample output is a (K, H, W) map (segmentation), DenseProxyNet on the (C, h, w) tap."""
+    if output_shape is not None and len(output_shape) == 3:
+        if len(feature_shape) != 3:
+            raise ValueError(f"C²KD proxies of a segmentation network read a map (C, h, w), got {feature_shape}")
+        return DenseProxyNet(feature_shape[0], num_classes, output_shape[1:])
     if len(feature_shape) == 1:
         return ProxyNet1D(feature_shape[0], num_classes)
     if len(feature_shape) == 3:
         return ProxyNet(feature_shape[0], num_classes)
     raise ValueError(f"C²KD proxies read a vector (d,) or a map (C, H, W) per sample, got shape {feature_shape}")
+
+
+def per_sample_tau(x: torch.Tensor, y: torch.Tensor, rows_per_chunk: int = 1 << 14) -> torch.Tensor:
+    """τ-b per sample between logits x and y of shape (B, K) or (B, K, H, W): for maps the mean of the
+    pixels' τ over each image (the authors' NYU rule), computed in chunks of pixels (O(K²) pairs each)."""
+    rows_x = x.movedim(1, -1).reshape(-1, x.shape[1])
+    rows_y = y.movedim(1, -1).reshape(-1, y.shape[1])
+    tau = torch.cat([kendall_tau_b(a, b) for a, b in zip(rows_x.split(rows_per_chunk), rows_y.split(rows_per_chunk))])
+    return tau.reshape(len(x), -1).mean(dim=1)
 
 
 def kendall_tau_b(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -129,21 +167,29 @@ def kendall_tau_b(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def non_target_kl(learner_logits: torch.Tensor, target_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-sample KL(softmax(z_target ⊙ m) ‖ softmax(z_learner ⊙ m)), summed over classes, m = 1 − onehot(y),
-    target detached (the authors' and official `ntkl`, T = 1). The ground-truth logit is ZEROED, not
-    removed, so it stays in both softmaxes with logit 0. Returns shape (B,)."""
-    keep = 1.0 - F.one_hot(labels, learner_logits.shape[1]).to(learner_logits.dtype)
+    """Per-prediction KL(softmax(z_target ⊙ m) ‖ softmax(z_learner ⊙ m)), summed over classes, m = 1 −
+    onehot(y), target detached (the authors' and official `ntkl`, T = 1). The ground-truth logit is
+    ZEROED, not removed, so it stays in both softmaxes with logit 0. Returns shape (B,), or (B, H, W) for
+    dense logits, whose labels must be class ids (void as its class, as the authors)."""
+    keep = 1.0 - F.one_hot(labels, learner_logits.shape[1]).movedim(-1, 1).to(learner_logits.dtype)
     log_p_learner = F.log_softmax(learner_logits * keep, dim=1)
     p_target = F.softmax(target_logits.detach() * keep, dim=1)
     return F.kl_div(log_p_learner, p_target, reduction="none").sum(dim=1)
 
 
 def masked_non_target_kl(learner_logits: torch.Tensor, target_logits: torch.Tensor, labels: torch.Tensor,
-                         mask: torch.Tensor) -> torch.Tensor:
+                         mask: torch.Tensor, dense_mask: str = "authors") -> torch.Tensor:
     """(1/B) Σ_b mask_b · ntkl_b: the masked-out samples still count in the denominator (authors' `ntkl`).
     With an all-zero mask this is exactly 0 with zero gradients, which is what the authors' explicit
-    `mask.sum() == 0` branch returns; no branch here, so no host-device synchronisation."""
-    return (mask * non_target_kl(learner_logits, target_logits, labels)).mean()
+    `mask.sum() == 0` branch returns; no branch here, so no host-device synchronisation. Dense logits: the
+    per-pixel mean over the batch, each image weighted by its mask (`per_image`) or, as the authors'
+    `ntkl_ss` (`authors`), all of them whenever any image passes."""
+    per_prediction = non_target_kl(learner_logits, target_logits, labels)
+    if per_prediction.ndim == 1 or dense_mask == "per_image":
+        weights = mask.reshape(-1, *(1,) * (per_prediction.ndim - 1))
+    else:
+        weights = mask.amax().expand(len(mask)).reshape(-1, *(1,) * (per_prediction.ndim - 1))
+    return (weights * per_prediction).mean()
 
 
 def mutual_kl(network_logits: torch.Tensor, proxy_logits: torch.Tensor) -> torch.Tensor:
@@ -165,6 +211,7 @@ class C2KD(DistillationMethod):
     frozen, never cached)."""
 
     name = "c2kd"
+    segmentation = True
     display_name = "C²KD"
     table_order = 90
     teacher_configs = ("cm",)
@@ -173,7 +220,8 @@ class C2KD(DistillationMethod):
     def __init__(self, student: Network, teacher: Network, teacher_tap: str, student_tap: str,
                  proxy_teacher: nn.Module, proxy_student: nn.Module, lr: float = 0.01, momentum: float = 0.9,
                  krc: float = 0.0, lr_schedule: str = "constant", poly_power: float = 0.9,
-                 poly_min_lr: float = 1e-4, selection: str = "val_loss", selection_start: float = 0.8) -> None:
+                 poly_min_lr: float = 1e-4, selection: str = "val_loss", selection_start: float = 0.8,
+                 dense_mask: str = "authors", ignore_label: int | None = None) -> None:
         super().__init__(student)
         # Trained, not frozen (Q11): train mode, gradients, in the optimiser.
         self.teacher = teacher.requires_grad_(True)
@@ -185,6 +233,7 @@ class C2KD(DistillationMethod):
         self.lr, self.momentum, self.krc = lr, momentum, krc
         self.lr_schedule, self.poly_power, self.poly_min_lr = lr_schedule, poly_power, poly_min_lr
         self.selection, self.selection_start = selection, selection_start
+        self.dense_mask, self.ignore_label = dense_mask, ignore_label
         self._optimizer: torch.optim.Optimizer | None = None
         self._epochs: int | None = None
         self._batches_per_epoch: int | None = None
@@ -197,11 +246,13 @@ class C2KD(DistillationMethod):
         teacher_shape = probe_shapes(setup.teacher, [taps.teacher], setup.sample)[taps.teacher]
         student_shape = probe_shapes(setup.student, [taps.student], setup.sample)[taps.student]
         # the authors build px_t before px_s (get_C2KDmodules); same order, same RNG draws
-        proxy_teacher = build_proxy(teacher_shape, setup.num_classes).to(setup.sample["y"].device)
-        proxy_student = build_proxy(student_shape, setup.num_classes).to(setup.sample["y"].device)
+        output_shape = (setup.num_classes, *setup.sample["y"].shape[1:])
+        proxy_teacher = build_proxy(teacher_shape, setup.num_classes, output_shape).to(setup.sample["y"].device)
+        proxy_student = build_proxy(student_shape, setup.num_classes, output_shape).to(setup.sample["y"].device)
         return cls(setup.student, setup.teacher, taps.teacher, taps.student, proxy_teacher, proxy_student,
                    lr=p.lr, momentum=p.momentum, krc=p.krc, lr_schedule=p.lr_schedule, poly_power=p.poly_power,
-                   poly_min_lr=p.poly_min_lr, selection=p.selection, selection_start=p.selection_start)
+                   poly_min_lr=p.poly_min_lr, selection=p.selection, selection_start=p.selection_start,
+                   dense_mask=p.dense_mask, ignore_label=dataset_spec(setup.dataset).ignore_label)
 
     def prepare(self, context: RunContext) -> None:
         # Nothing is cached: the teacher is trained (and its proxy's BN uses batch statistics), so its
@@ -244,13 +295,15 @@ class C2KD(DistillationMethod):
         proxy_t = self.proxy_teacher(self.teacher_taps.outputs.pop(self.teacher_tap))
         proxy_s = self.proxy_student(self.student_taps.outputs.pop(self.student_tap))
         y = batch["y"]
-        mask = (kendall_tau_b(proxy_t.detach(), proxy_s.detach()) > self.krc).to(proxy_s.dtype)
+        # the non-target KL zeroes the true class's logit; a void pixel's class is the ignored one (authors)
+        classes = y if self.ignore_label is None else torch.where(y == IGNORE, self.ignore_label, y)
+        mask = (per_sample_tau(proxy_t.detach(), proxy_s.detach()) > self.krc).to(proxy_s.dtype)
         return {"ce_teacher": F.cross_entropy(teacher_logits, y),
                 "ce_student": F.cross_entropy(student_logits, y),
                 "kl_teacher_proxy": mutual_kl(teacher_logits, proxy_t),
                 "kl_student_proxy": mutual_kl(student_logits, proxy_s),
-                "ntkl": (masked_non_target_kl(proxy_s, proxy_t, y, mask)
-                         + masked_non_target_kl(proxy_t, proxy_s, y, mask))}
+                "ntkl": (masked_non_target_kl(proxy_s, proxy_t, classes, mask, self.dense_mask)
+                         + masked_non_target_kl(proxy_t, proxy_s, classes, mask, self.dense_mask))}
 
     def validation_score(self, context: RunContext, epoch: int) -> float | None:
         """None (the engine's min val CE) by default; `late_val_accuracy`: −(val accuracy) from epoch

@@ -16,6 +16,7 @@ class CrossEntropyOnly(DistillationMethod):
     """L = CE(student(x), y). Also how the multimodal and unimodal teachers are trained."""
 
     name = "ce"
+    segmentation = True
     display_name = "w/o KD"
     table_order = 0
 

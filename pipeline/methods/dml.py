@@ -90,6 +90,7 @@ class DeepMutualLearning(DistillationMethod):
     networks' updates, which one engine step per batch cannot express (no switch)."""
 
     name = "dml"
+    segmentation = True
     display_name = "DML"
     table_order = 70
     teacher_configs = ("mm+cm",)

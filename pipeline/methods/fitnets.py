@@ -192,6 +192,7 @@ class FitNets(DistillationMethod):
     with a frozen teacher (MM or CM), selected on the validation KD objective."""
 
     name = "fitnets"
+    segmentation = True
     display_name = "FitNets"
     table_order = 30
     teacher_configs = ("mm", "cm")

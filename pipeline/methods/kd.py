@@ -34,6 +34,7 @@ class KnowledgeDistillation(DistillationMethod):
     """L = (1 − α)·CE(z_s, y) + α·T²·KL(p_t^T ‖ p_s^T) with a frozen teacher (MM or CM)."""
 
     name = "kd"
+    segmentation = True
     display_name = "KD"
     table_order = 10
     teacher_configs = ("mm", "cm")

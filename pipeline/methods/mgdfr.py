@@ -59,7 +59,10 @@ class MGDFRParams:
     `salience_taps`: per architecture pair, where the salience permutation is applied: the tap itself or a
     later module with exactly the same salience (only per-channel, row-wise operations in between; checked
     at run time). For ThreeLayerCNN-A, `conv3_maxpool` (after ReLU and 2×2 max-pool) equals `conv3` and makes
-    the salience ~15× cheaper (the layers after the permutation point run on repeats × D × n_train rows)."""
+    the salience ~15× cheaper (the layers after the permutation point run on repeats × D × n_train rows).
+    Switch `dense_logits` (segmentation only): default `authors` = baselines quirk Q6, the co-training MSE
+    and the salience compare only the first sample's last class channel of the (B, C, H, W) outputs;
+    `whole`: the whole outputs, as on classification."""
 
     teachers: list[str]
     temperature: float = field(metadata=POSITIVE)
@@ -73,6 +76,7 @@ class MGDFRParams:
     salience: Literal["all_batches", "last_batch"]
     ratio: float = field(metadata={"check": (lambda v: 0 <= v < 1, "a number in [0, 1)")})
     masking: Literal["none", "freeze"]
+    dense_logits: Literal["authors", "whole"]
     taps: PairTable[str]
     salience_taps: PairTable[str]
 
@@ -81,12 +85,19 @@ class MGDFRParams:
         check_pair_table(self.salience_taps, "salience_taps", lambda name: [("teacher", name)])
 
 
-def co_training_terms(teacher: Network, student: Network, batch: Batch) -> dict[str, torch.Tensor]:
+def compared_logits(logits: torch.Tensor, dense_logits: str = "authors") -> torch.Tensor:
+    """The logits MGDFR's MSE terms compare: all of them; of dense (B, C, H, W) outputs under `authors`, the
+    first sample's last class channel only (the authors' NYU code, baselines quirk Q6)."""
+    return logits[0, -1] if logits.ndim > 2 and dense_logits == "authors" else logits
+
+
+def co_training_terms(teacher: Network, student: Network, batch: Batch,
+                      dense_logits: str = "authors") -> dict[str, torch.Tensor]:
     """Co-training: CE(z_t, y), CE(z_s, y) and MSE(z_t, z_s) (mean reduction, gradients to both networks;
-    MFH co-training, baselines-spec.md §2.9)."""
+    MFH co-training, baselines-spec.md §2.9; z as `compared_logits`)."""
     z_t, z_s = teacher(batch), student(batch)
     return {"ce_teacher": F.cross_entropy(z_t, batch["y"]), "ce_student": F.cross_entropy(z_s, batch["y"]),
-            "mse": F.mse_loss(z_t, z_s)}
+            "mse": F.mse_loss(compared_logits(z_t, dense_logits), compared_logits(z_s, dense_logits))}
 
 
 def draw_permutations(features: int, rows: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
@@ -203,9 +214,10 @@ def permutation_salience(teacher: Network, tap: str, batches: Iterable[Batch],
 @torch.no_grad()
 def naive_permutation_salience(teacher: Network, tap: str, batches: Iterable[Batch],
                                reference: Callable[[Batch], torch.Tensor], repeats: int, generator: torch.Generator,
-                               *, accumulate: bool = True) -> torch.Tensor:
+                               *, accumulate: bool = True, dense_logits: str = "authors") -> torch.Tensor:
     """The authors' loop: one full teacher forward per (batch, repeat, feature); same value and the same
-    random draws as `permutation_salience`, kept as its reference."""
+    random draws as `permutation_salience`, kept as its reference, and used where the fast path cannot
+    apply (FuseNet: its decoder unpools with encoder indices computed before the tap)."""
     teacher.eval()
     total = None
     for batch in batches:
@@ -217,7 +229,7 @@ def naive_permutation_salience(teacher: Network, tap: str, batches: Iterable[Bat
             for i in range(features):
                 logits = _forward_replacing(teacher, tap, batch,
                                             lambda out, i=i, p=permutations[i]: permute_feature(out, i, p))
-                scores[r, i] = F.mse_loss(logits, target)
+                scores[r, i] = F.mse_loss(compared_logits(logits, dense_logits), compared_logits(target, dense_logits))
         total = scores if total is None or not accumulate else total + scores
     return total.mean(dim=0)
 
@@ -228,6 +240,7 @@ class MGDFR(DistillationMethod):
     salience, then distil into a fresh student from the teacher with its low-salience features frozen."""
 
     name = "mgdfr"
+    segmentation = True
     display_name = "MGDFR"
     table_order = 80
     teacher_configs = ("cm",)
@@ -237,7 +250,7 @@ class MGDFR(DistillationMethod):
                  salience_tap: str | None = None, temperature: float,
                  alpha: AlphaParams, kd_form: str = "authors", co_lr: float = 1e-3, co_epochs: int = 100,
                  repeats: int = 10, salience_batch_multiplier: int = 6, salience: str = "all_batches",
-                 ratio: float = 0.75, masking: str = "none") -> None:
+                 ratio: float = 0.75, masking: str = "none", dense_logits: str = "authors") -> None:
         super().__init__(student)
         # co-training trains `teacher` and `co_student`; both leave the optimised set before the main phase
         self.teacher = teacher
@@ -254,6 +267,7 @@ class MGDFR(DistillationMethod):
         self.salience_mode = salience
         self.ratio = ratio
         self.masking = masking
+        self.dense_logits = dense_logits
         self.salience: torch.Tensor | None = None
         self.register_buffer("frozen_features", torch.empty(0, dtype=torch.long))
         self._freeze_handle = None
@@ -275,6 +289,7 @@ class MGDFR(DistillationMethod):
         return cls(setup.student, teacher, co_student, tap, salience_tap=salience_tap, temperature=p.temperature,
                    alpha=p.alpha, kd_form=p.kd_form, co_lr=p.co_lr, co_epochs=p.co_epochs[setup.dataset],
                    repeats=p.repeat_permute[setup.dataset], salience=p.salience, ratio=p.ratio, masking=p.masking,
+                   dense_logits=p.dense_logits,
                    salience_batch_multiplier=p.salience_batch_multiplier[setup.dataset])
 
     def phases(self, context: RunContext) -> list[Phase]:
@@ -285,7 +300,7 @@ class MGDFR(DistillationMethod):
         last epoch is kept (no selection, as MFH)."""
         networks = (self.teacher, self.co_student)
         return Phase("co_training", self.co_epochs,
-                     lambda batch, epoch: co_training_terms(self.teacher, self.co_student, batch),
+                     lambda batch, epoch: co_training_terms(self.teacher, self.co_student, batch, self.dense_logits),
                      lambda: torch.optim.SGD([p for net in networks for p in net.parameters()], lr=self.co_lr,
                                              momentum=CO_MOMENTUM),
                      train_modules=networks)
@@ -293,10 +308,29 @@ class MGDFR(DistillationMethod):
     def _compute_salience(self, context: RunContext) -> torch.Tensor:
         self.co_student.eval()
         batches = context.batches("train", self.salience_batch_multiplier * context.batch_size, shuffle=True)
-        raw = permutation_salience(self.teacher, self.salience_tap, batches, self.co_student, self.repeats,
-                                   context.generator, accumulate=self.salience_mode == "all_batches",
-                                   definition_tap=self.tap)
+        accumulate = self.salience_mode == "all_batches"
+        if self.teacher_is_row_wise(context):
+            raw = permutation_salience(self.teacher, self.salience_tap, batches, self.co_student, self.repeats,
+                                       context.generator, accumulate=accumulate, definition_tap=self.tap)
+        else:
+            raw = naive_permutation_salience(self.teacher, self.tap, batches, self.co_student, self.repeats,
+                                             context.generator, accumulate=accumulate, dense_logits=self.dense_logits)
         return min_max_normalise(raw)
+
+    def teacher_is_row_wise(self, context: RunContext) -> bool:
+        """Whether the fast salience applies: the layers after the tap act row by row on the tap output alone
+        (probed on two training samples, outside the run's random stream). FuseNet's decoder unpools with
+        encoder indices computed before the tap, so its salience takes the authors' loop."""
+        if self.teacher(context.data.batch(context.split["train"][:1])).ndim == 2:
+            return True
+        probe = context.data.batch(context.split["train"][:2])
+        try:
+            with torch.random.fork_rng(devices=[]):
+                permutation_salience(self.teacher, self.salience_tap, [probe], self.co_student, 1,
+                                     torch.Generator().manual_seed(0), definition_tap=self.tap)
+        except RuntimeError:
+            return False
+        return True
 
     def prepare(self, context: RunContext) -> None:
         """Between the phases: rank the co-trained teacher's features by salience, freeze the teacher and

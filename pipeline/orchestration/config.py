@@ -22,10 +22,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pipeline.data.av_digits import AVDigitsRecipe
-from pipeline.data.catalog import DATASETS
+from pipeline.data.catalog import DATASETS, SegmentationParams
+from pipeline.data.rgbd_digits import RGBDDigitsRecipe
 from pipeline.data.splits import SplitParams
 from pipeline.extraction.settings import EXTRACTORS, ExtractionParams, extracted_folder
 from pipeline.methods import check_teacher_config, method_class, method_names
+from pipeline.models.settings import FuseNetParams
 from pipeline.params import (NON_NEGATIVE, POSITIVE, BlockError, UnlistedParamError, fail, listed_params,
                              parse, read_yaml, restrict_to)
 from pipeline.tracking.base import TrackingParams
@@ -46,7 +48,10 @@ class Params:
     extract: dict[str, str]
     extraction: ExtractionParams
     methods: list[str]
+    segmentation: SegmentationParams
     av_digits: AVDigitsRecipe
+    rgbd_digits: RGBDDigitsRecipe
+    fusenet: FuseNetParams
     splits: SplitParams
     training: dict[str, TrainingParams]
     teacher_training: dict[str, TrainingParams]
@@ -124,11 +129,20 @@ def _cross_checks(p: Params, source: str) -> None:
         raise fail(source, "device", f"expected auto, cpu, cuda or cuda:N, got {p.device!r}")
     if not p.datasets:
         raise fail(source, "datasets", "expected at least one enabled dataset")
-    for name in p.datasets:
-        if name not in DATASETS:
-            close = difflib.get_close_matches(name, DATASETS, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise fail(source, f"datasets.{name}", f"unknown dataset{hint}; known: {', '.join(DATASETS)}")
+    for block, names, task in (("datasets", p.datasets, "classification"),
+                               ("segmentation.datasets", p.segmentation.datasets, "segmentation")):
+        for name in names:
+            if name not in DATASETS:
+                close = difflib.get_close_matches(name, DATASETS, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise fail(source, f"{block}.{name}", f"unknown dataset{hint}; known: {', '.join(DATASETS)}")
+            if DATASETS[name].task != task:
+                home = "segmentation.datasets (Table 2)" if task == "classification" else "datasets (Table 1)"
+                raise fail(source, f"{block}.{name}", f"{name} is a {DATASETS[name].task} dataset; list it under "
+                                                      f"{home}")
+    both = set(p.datasets) & set(p.segmentation.datasets)
+    if both:
+        raise fail(source, "segmentation.datasets", f"{', '.join(sorted(both))} also listed under datasets")
     for i, name in enumerate(p.studies):
         if name not in p.datasets:
             raise fail(source, f"studies[{i}]", f"{name!r} is not an enabled dataset; expected one of "
@@ -153,7 +167,7 @@ def _cross_checks(p: Params, source: str) -> None:
         for name in getattr(p, block):
             if name not in DATASETS:
                 raise fail(source, f"{block}.{name}", f"unknown dataset; known: {', '.join(DATASETS)}")
-        for name in p.datasets:
+        for name in [*p.datasets, *p.segmentation.datasets]:
             if name not in getattr(p, block):
                 raise fail(source, f"{block}.{name}", f"missing: dataset {name!r} is enabled but has no {block} "
                                                       "block")
@@ -166,6 +180,22 @@ def _cross_checks(p: Params, source: str) -> None:
                                                 f"one of {', '.join(runnable)} (MST-Distill has its own stages)")
     if len(set(p.methods)) != len(p.methods):
         raise fail(source, "methods", f"methods must be distinct, got {p.methods}")
+    for i, name in enumerate(p.segmentation.methods):
+        if name not in runnable:
+            raise fail(source, f"segmentation.methods[{i}]", f"{name!r} is not a baseline the distill stage runs; "
+                                                             f"expected one of {', '.join(runnable)}")
+        if not method_class(name).segmentation:
+            dense = [n for n in runnable if method_class(n).segmentation]
+            raise fail(source, f"segmentation.methods[{i}]", f"{name} cannot run on semantic segmentation (the "
+                                                             f"paper's Table 2 has no {method_class(name).display_name} "
+                                                             f"row; baselines-spec Q7); expected some of "
+                                                             f"{', '.join(dense)}")
+    if len(set(p.segmentation.methods)) != len(p.segmentation.methods):
+        raise fail(source, "segmentation.methods", f"methods must be distinct, got {p.segmentation.methods}")
+    for name in p.segmentation.datasets:
+        if name not in p.fusenet.width:
+            raise fail(source, f"fusenet.width.{name}", f"missing: segmentation dataset {name!r} is enabled but its "
+                                                        "FuseNets have no width")
     if "mst" in p.blocks:
         try:
             p.blocks["mst"].with_topk(p.topk)

@@ -23,8 +23,9 @@ from pipeline.data.splits import read_split_column, split_positions
 from pipeline.data.tensors import DeviceDataset
 from pipeline.io import write_json
 from pipeline.methods import DistillationMethod, MethodSetup, method_class
-from pipeline.models.registry import Network, build_network
+from pipeline.models.registry import Network, build_network, takes_options
 from pipeline.orchestration.config import Params
+from pipeline.params import ParamsError
 from pipeline.reporting.figures import confusion_matrix_png, routing_curves_png
 from pipeline.tracking.base import Tracker
 from pipeline.training.checkpoints import save_checkpoint, save_module_state
@@ -68,6 +69,7 @@ class RunRecord:
     health: dict[str, Any] = field(default_factory=dict)
     run_name: str = ""
     cost: dict[str, float | None] = field(default_factory=dict)
+    test_metrics: dict[str, float] = field(default_factory=dict)   # segmentation: the authors' OA, AA, mIoU
 
 
 @dataclass
@@ -75,6 +77,7 @@ class LoadedDataset:
     spec: DatasetSpec
     data: DeviceDataset
     splits: dict[int, dict[str, torch.Tensor]]
+    model_options: dict[str, Any] = field(default_factory=dict)   # e.g. FuseNet's width (params `fusenet`)
 
     def input_shapes(self, inputs: tuple[str, ...]) -> list[tuple[int, ...]]:
         return [tuple(getattr(self.data, key).shape[1:]) for key in inputs]
@@ -83,7 +86,7 @@ class LoadedDataset:
         """A freshly initialised network for `role` ("mm", "m1" or "m2"), on the data's device."""
         inputs = network_inputs(role)
         return build_network(self.spec.networks[role], inputs, self.spec.num_classes,
-                             self.input_shapes(inputs)).to(self.data.device)
+                             self.input_shapes(inputs), self.model_options).to(self.data.device)
 
 
 def network_inputs(role: str) -> tuple[str, ...]:
@@ -94,18 +97,29 @@ def write_records(path: Path, records: list[RunRecord]) -> None:
     write_json(path, {"runs": [dataclasses.asdict(r) for r in records]})
 
 
+def check_applicable(method: str, spec: DatasetSpec) -> None:
+    """ParamsError unless `method` runs on `spec`'s task (segmentation: the paper's Table 2 methods)."""
+    cls = method_class(method)
+    if spec.task == "segmentation" and not cls.segmentation:
+        raise ParamsError(f"{method} cannot run on {spec.key} (semantic segmentation): the paper's Table 2 has no "
+                          f"{cls.display_name or method} row (baselines-spec Q7); list only Table 2 methods under "
+                          "segmentation.methods")
+
+
 def load_dataset(params: Params, key: str, prepared_dir: Path, device: torch.device) -> LoadedDataset:
-    """The prepared dataset as tensors on `device`, and each run seed's train/val/test positions."""
+    """The prepared dataset as tensors on `device`, each run seed's train/val/test positions, and the options
+    of its architectures (FuseNet's width and initialisation)."""
     spec = dataset_spec(key)
-    arrays = read_prepared(prepared_dir, spec.num_classes)
+    options = params.fusenet.options(key) if any(takes_options(a) for a in spec.networks.values()) else {}
+    arrays = read_prepared(prepared_dir, spec.num_classes, spec.label_ndim)
     n = len(arrays["labels"])
     splits = {}
     for seed in params.seeds:
         column = read_split_column(prepared_dir / SPLIT_FILE, seed, n)
         splits[seed] = split_positions(column, params.splits.train_fraction, params.splits.val_fraction,
                                        groups=arrays.get("groups")).to(device)
-    data = DeviceDataset.from_arrays(arrays, device, params.engine.data_residency)
-    return LoadedDataset(spec, data, splits)
+    data = DeviceDataset.from_arrays(arrays, device, params.engine.data_residency, spec.ignore_label)
+    return LoadedDataset(spec, data, splits, options)
 
 
 def make_setup(loaded: LoadedDataset, params: Params, seed: int, *, method: str, target: str, teacher_config: str,
@@ -148,6 +162,7 @@ def run_method(params: Params, loaded: LoadedDataset, tracker: Tracker, *, stage
                          # selection score is a mean of per-batch means (quirk Q9)
                          eval_batch_size=config.batch_size, patience=config.patience, min_epochs=config.min_epochs)
     seed_everything(seed, params.deterministic)
+    torch.set_flush_denormal(params.engine.flush_denormal)
     run_setup = setup()
     built = cls.from_setup(run_setup)
     phase = phase or built.main_phase_name
@@ -174,7 +189,8 @@ def run_method(params: Params, loaded: LoadedDataset, tracker: Tracker, *, stage
         for role, evaluation in result.test.items():
             suffix = "" if role == "student" else f"_{spec.modality_name(role)}"
             summary.update({f"test_accuracy{suffix}": evaluation.accuracy, f"test_loss{suffix}": evaluation.loss,
-                            f"test_accuracy_last{suffix}": result.test_last[role].accuracy})
+                            f"test_accuracy_last{suffix}": result.test_last[role].accuracy,
+                            **{f"test_{k}{suffix}": v for k, v in evaluation.metrics.items()}})
         run.log_metrics(summary)
         with tempfile.TemporaryDirectory() as tmp:
             for path in _artifacts(result, extras, Path(tmp), f"{spec.display_name} {name}"):
@@ -212,7 +228,8 @@ def run_method(params: Params, loaded: LoadedDataset, tracker: Tracker, *, stage
                 best_val_loss=final.best_metrics.get("val_loss", final.best_metrics.get(f"val_{role}_loss")),
                 best_val_accuracy=final.best_metrics.get("val_accuracy",
                                                          final.best_metrics.get(f"val_{role}_accuracy")),
-                curve=curve if role == "student" else [], health=health(role, evaluation.confusion), **common))
+                curve=curve if role == "student" else [], health=health(role, evaluation.confusion),
+                test_metrics=dict(evaluation.metrics), **common))
     return RunOutcome(records, built, result)
 
 

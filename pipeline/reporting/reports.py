@@ -12,6 +12,7 @@ import numpy as np
 
 from pipeline.data.catalog import dataset_spec
 from pipeline.reporting import paper_outputs
+from pipeline.reporting.table2 import table2, table2_csv, table2_markdown, table2_metrics
 from pipeline.reporting.tables import (TARGETS, learning_curves, metrics_summary, read_runs, routing_summary, table1,
                                        table1_csv, table1_markdown, table3, table3_csv, table3_markdown,
                                        teachers_markdown, teachers_summary, topk_markdown, topk_summary)
@@ -25,17 +26,24 @@ def _csv_text(header: list[str], rows: list[list]) -> str:
     return buffer.getvalue()
 
 
-def write_reports(results_dir: Path, out_dir: Path, datasets: list[str]) -> dict:
-    """Write Table 1 and Table 3 (.md, .csv), teachers.md, the top-k sweep (.md), Tables 6, 7 and 8, the run
+def write_reports(results_dir: Path, out_dir: Path, datasets: list[str],
+                  segmentation_datasets: list[str] | None = None) -> dict:
+    """Write Tables 1, 2 and 3 (.md, .csv), teachers.md, the top-k sweep (.md), Tables 6, 7 and 8, the run
     health and paper comparison reports, metrics.json, the figures (figures/*.png) and the DVC plot data
-    (plots/*.csv) under `out_dir`; return the metrics. Every text is computed before anything is written."""
+    (plots/*.csv) under `out_dir`; return the metrics. `datasets`: the classification datasets (Table 1 and
+    the rest); `segmentation_datasets`: Table 2's. Every text is computed before anything is written."""
     from pipeline.reporting.figures import routing_curves_png, topk_sweep_png
 
-    runs = read_runs(results_dir, datasets)
+    segmentation_datasets = segmentation_datasets or []
+    runs = read_runs(results_dir, [*datasets, *segmentation_datasets])
     t1, t3, teachers = table1(runs, datasets), table3(runs, datasets), teachers_summary(runs, datasets)
+    t2 = table2(runs, segmentation_datasets)
     metrics = metrics_summary(t1, t3)
+    metrics.update(table2_metrics(t2))
     paper = paper_outputs.read_paper_values()
     outputs = {"table1.md": table1_markdown(t1, datasets, paper), "table1.csv": table1_csv(t1, datasets, paper),
+               "table2.md": table2_markdown(t2, segmentation_datasets),
+               "table2.csv": table2_csv(t2, segmentation_datasets),
                "table3.md": table3_markdown(t3, datasets), "table3.csv": table3_csv(t3, datasets),
                "teachers.md": teachers_markdown(teachers),
                "metrics.json": json.dumps(metrics, indent=2, sort_keys=True) + "\n"}

@@ -33,8 +33,12 @@ class EngineParams:
     or `val_accuracy`. `cache_frozen_outputs`: compute frozen teachers' outputs once per sample
     (exactly equivalent; false re-runs the teacher every batch). `data_residency`: where the prepared
     tensors live during training — `device` (copied to the run device), `mapped` (memory-mapped on the host,
-    batches gathered and prefetched), `auto` (device when both modalities fit in half of its free memory)."""
+    batches gathered and prefetched), `auto` (device when both modalities fit in half of its free memory).
+    `flush_denormal`: on a CPU, flush denormal floats to zero (x86 computes with them ~20× slower, and
+    FuseNet's gain-0.02 initialisation fills its activations and gradients with them: a 32×32 FuseNet epoch
+    took 12 s instead of 0.6 s); GPUs are not affected."""
 
     selection: Literal["val_loss", "val_accuracy"]
     cache_frozen_outputs: bool
     data_residency: Literal["auto", "device", "mapped"] = "auto"
+    flush_denormal: bool = True

@@ -96,6 +96,9 @@ class DistillationMethod(nn.Module):
     teacher_configs: ClassVar[tuple[str, ...]] = ()  # which teachers the method accepts: "mm", "cm", "mm+cm"
     params_type: ClassVar[type | None] = None        # dataclass of the method's params.yaml block
     main_phase_name: ClassVar[str] = "main"           # metric prefix of the main phase
+    # Runs on segmentation (dense logits, Table 2): the paper's Table 2 rows. MLLD, OFA, RKD and CRD have
+    # none (the authors' code cannot apply them to dense outputs; baselines-spec.md Q7).
+    segmentation: ClassVar[bool] = False
 
     def __init__(self, student: Network) -> None:
         super().__init__()

@@ -13,8 +13,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from pipeline.data.tensors import Batch, DeviceDataset
+from pipeline.data.tensors import Batch, DeviceDataset, device_budget_bytes
 from pipeline.models.registry import Network
+
+INPUT_ELEMENTS_PER_CHUNK = 1 << 24   # a chunk's input elements: whole chunks of small samples, a few images
 
 
 class FrozenOutputs:
@@ -38,11 +40,21 @@ class FrozenOutputs:
         """Run the network once (eval mode, no grad) over the samples at `index` and keep the results."""
         if not self.enabled:
             return
+        sample = data.batch(index[:1])
+        per_sample = sum(sample[key][0].numel() for key in ("m1", "m2"))
+        chunk_size = max(1, min(self.chunk_size, INPUT_ELEMENTS_PER_CHUNK // per_sample))
         table = None
-        for start in range(0, len(index), self.chunk_size):
-            chunk = index[start:start + self.chunk_size]
+        for start in range(0, len(index), chunk_size):
+            chunk = index[start:start + chunk_size]
             out = self._compute(data.batch(chunk))
-            if table is None:  # NaN marks samples that were not cached, so a stray lookup is visible
+            if table is None:
+                needed = len(data) * out[0].numel() * out.element_size()
+                if needed > device_budget_bytes(out.device) // 2:
+                    # e.g. NYU-Depth-V2: 4 teachers' 41×480×640 logits per image, ~175 GB; recomputing per
+                    # batch gives the same values (the teachers are frozen and deterministic)
+                    self.enabled = False
+                    return
+                # NaN marks samples that were not cached, so a stray lookup is visible
                 table = torch.full((len(data), *out.shape[1:]), float("nan"), device=out.device, dtype=out.dtype)
             table[chunk] = out
         self._table = table

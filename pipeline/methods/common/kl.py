@@ -7,11 +7,15 @@ import torch.nn.functional as F
 
 
 def softened_kl(learner_logits: torch.Tensor, target_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """T² · (1/B) Σ_b KL(softmax(z_target,b / T) ‖ softmax(z_learner,b / T)), gradients to both sides.
-    `batchmean` sums over classes and averages over the batch; T² keeps gradient magnitudes as T grows."""
+    """T² · (1/P) Σ_p KL(softmax(z_target,p / T) ‖ softmax(z_learner,p / T)), gradients to both sides, over
+    the P predictions of the batch: its B samples, or for dense (B, C, H, W) logits its B·H·W pixels.
+    For classification this is `batchmean` (sum over classes, mean over the batch); for segmentation the
+    authors' `batchmean` divided again by H·W, a per-pixel mean over every pixel, void included (quirk
+    Q13). T² keeps gradient magnitudes as T grows. Softmax over dim 1, the class axis, in both cases."""
     log_p_learner = F.log_softmax(learner_logits / temperature, dim=1)
     p_target = F.softmax(target_logits / temperature, dim=1)
-    return F.kl_div(log_p_learner, p_target, reduction="batchmean") * temperature**2
+    predictions = learner_logits.numel() // learner_logits.shape[1]
+    return F.kl_div(log_p_learner, p_target, reduction="sum") / predictions * temperature**2
 
 
 def hinton_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:

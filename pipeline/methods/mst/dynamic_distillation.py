@@ -24,7 +24,7 @@ from torch import nn
 
 from pipeline.data.tensors import Batch
 from pipeline.methods.common.frozen import FrozenOutputs
-from pipeline.methods.mst.gate_net import GateNet
+from pipeline.methods.mst.gate_net import gate_net_for
 from pipeline.methods.mst.losses import load_balancing_loss, topk_distillation
 from pipeline.training.phases import RunContext
 
@@ -50,16 +50,17 @@ class LossWeights:
 
 class DynamicDistillation(nn.Module):
     """The phase-3 objective given a student's logits and the N frozen specialised teachers: a GateNet over
-    the teachers, top-k distillation and load balancing."""
+    the teachers, top-k distillation and load balancing. `logits_shape`: the student's per-sample logits,
+    (C,) or for segmentation (C, H, W) (one routing decision per image, as the authors' GateNet_dense)."""
 
-    def __init__(self, specialists: Sequence[Specialist], num_classes: int, *, topk: int, temperature: float,
+    def __init__(self, specialists: Sequence[Specialist], logits_shape: tuple[int, ...], *, topk: int, temperature: float,
                  lb_mode: str, lb_divide_by_n: bool, weights: LossWeights, cache: bool = True) -> None:
         super().__init__()
         if not 1 <= topk <= len(specialists):
             raise ValueError(f"topk = {topk} but there are {len(specialists)} specialised teachers; expected "
                              f"1..{len(specialists)}")
         load_balancing_loss(torch.full((1, len(specialists)), 1.0 / len(specialists)), lb_mode)  # fail early
-        self.gate = GateNet(num_classes, len(specialists))
+        self.gate = gate_net_for(logits_shape, len(specialists))   # (C,) or, segmentation, (C, H, W)
         specialists = list(specialists)
         # the N specialised teachers' logits as one (B, N, C) tensor, computed once per training sample
         self.specialists = FrozenOutputs(lambda batch: torch.stack([s(batch) for s in specialists], dim=1),
@@ -67,6 +68,10 @@ class DynamicDistillation(nn.Module):
         self.topk, self.temperature = topk, temperature
         self.lb_mode, self.lb_divide_by_n, self.weights = lb_mode, lb_divide_by_n, weights
         self._routes = torch.zeros(len(specialists))
+
+    @property
+    def num_teachers(self) -> int:
+        return len(self._routes)
 
     def prepare(self, context: RunContext) -> None:
         self.specialists.prepare(context.data, context.split["train"])

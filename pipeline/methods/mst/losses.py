@@ -46,7 +46,7 @@ def topk_distillation(student_logits: torch.Tensor, teacher_logits: torch.Tensor
                       temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic distillation (Eqs. 14–16): each sample distils from the k teachers its gate ranks highest.
 
-    teacher_logits: (B, N, C). Returns (1/k)·Σ_{i<k} T²·KL(p_{sel_i}^T ‖ p_s^T) (teachers detached, each term
+    teacher_logits: (B, N, C) or, for dense outputs, (B, N, C, H, W) with one choice per image. Returns (1/k)·Σ_{i<k} T²·KL(p_{sel_i}^T ‖ p_s^T) (teachers detached, each term
     a batch mean with every sample using its own i-th choice) and the selected indices (B, k). As in
     the authors' code the selected teachers are not weighted by their gate probability, so the top-k
     choice passes no gradient to the GateNet (quirk Q4)."""
@@ -54,6 +54,8 @@ def topk_distillation(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     if not 1 <= k <= n:
         raise ValueError(f"top-k distillation needs 1 <= k <= {n} (the number of teachers), got k = {k}")
     chosen = gate_probs.topk(k, dim=1).indices
-    gathered = teacher_logits.gather(1, chosen[..., None].expand(-1, -1, teacher_logits.shape[-1])).detach()
+    trailing = teacher_logits.shape[2:]
+    index = chosen.reshape(*chosen.shape, *(1,) * len(trailing)).expand(-1, -1, *trailing)
+    gathered = teacher_logits.gather(1, index).detach()
     loss = sum(softened_kl(student_logits, gathered[:, i], temperature) for i in range(k)) / k
     return loss, chosen

@@ -75,10 +75,14 @@ def mask_net_for(feature_shape: tuple[int, ...], hidden_factor: float = 2.0, hea
 
 def apply_mask(mask_net: nn.Module, output: torch.Tensor) -> torch.Tensor:
     """mask ⊙ output for a hooked layer's output (official-mst-spec.md §4.2): a (B,C,1,1) output is
-    squeezed to (B,C) first (and stays squeezed); a (B,C,H,W) map gets a (B,C,1,1) channel mask."""
+    squeezed to (B,C) for its MaskNet; a (B,C,H,W) map gets a (B,C,1,1) channel mask. The authors' hook
+    returns the squeezed tensor, which only a following flatten tolerates (LeNet5's conv3); the masked output
+    keeps the layer's shape here, the same values for a flatten and what a FuseNet decoder unpooling a 1×1
+    bottleneck (32-pixel inputs) needs."""
+    shape = output.shape
     if output.dim() == 4 and output.shape[-2:] == (1, 1):
         output = output.flatten(1)
     mask = mask_net(output)
     while mask.dim() < output.dim():
         mask = mask.unsqueeze(-1)
-    return mask * output
+    return (mask * output).reshape(shape)

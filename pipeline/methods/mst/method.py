@@ -54,6 +54,7 @@ class MSTDistill(DistillationMethod):
     """MST-Distill (Mixture of Specialized Teachers): see the module docstring for the three phases."""
 
     name = "mst"
+    segmentation = True
     display_name = "MST-Distill"
     table_order = 100
     teacher_configs = ("mm+cm",)
@@ -146,7 +147,8 @@ class MSTDistill(DistillationMethod):
         if setting.s3:
             if p.topk is None:
                 raise ValueError("MST-Distill phase 3 needs the top-level topk: pass the block through with_topk()")
-            method.objective = DynamicDistillation(specialists, setup.num_classes, topk=min(p.topk, len(specialists)),
+            logits_shape = (setup.num_classes, *setup.sample["y"].shape[1:])
+            method.objective = DynamicDistillation(specialists, logits_shape, topk=min(p.topk, len(specialists)),
                                                    temperature=p.temperature, lb_mode=p.lb_mode,
                                                    lb_divide_by_n=p.lb_divide_by_n, weights=weights,
                                                    cache=setup.cache_frozen_outputs)
@@ -204,7 +206,7 @@ class MSTDistill(DistillationMethod):
             extras.update(S1=setting.s1, S2=setting.s2, S3=setting.s3)
             extras["topk"] = self.params.topk if setting.s3 else None
             if setting.s3:
-                n = len(self.objective.gate.fc2.weight)
+                n = self.objective.num_teachers
                 extras["specialists"] = specialist_labels(self.groups) if setting.s2 else [g.name for g in self.groups]
                 extras["routing"] = [[epoch[f"route_{i}"] for i in range(n)] for epoch in result.final.history]
         return extras
