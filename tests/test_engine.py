@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+import mmap
 import time
 
 import pytest
@@ -278,13 +279,22 @@ def test_a_non_finite_training_loss_stops_the_phase_and_keeps_the_earlier_select
     assert result.history[-1]["epoch"] == 2 and "val_loss" not in result.history[-1]
 
 
+def _fresh_pages(size: int) -> mmap.mmap:
+    """`size` bytes of new anonymous memory, every page touched: resident whatever the allocator keeps cached
+    (a 64 MiB torch tensor can reuse pages an earlier test in the same worker freed)."""
+    block = mmap.mmap(-1, size)
+    for offset in range(0, size, mmap.PAGESIZE):
+        block[offset] = 1
+    return block
+
+
 def test_peak_memory_sees_a_transient_allocation_on_cpu():
     from pipeline.training.runtime import PeakMemory
 
     with PeakMemory(torch.device("cpu")) as meter:
-        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched, held past a few samples, then freed
+        block = _fresh_pages(64 * 2**20)  # 64 MiB, touched, held past a few samples, then freed
         time.sleep(0.1)
-        del block
+        block.close()
     assert meter.peak_mb is not None, "Linux exposes /proc/self/status"
     assert 48 <= meter.peak_mb <= 200
 
@@ -296,7 +306,7 @@ def test_peak_memory_falls_back_on_sampling_where_the_kernel_keeps_no_high_water
     real = runtime._status_kib
     monkeypatch.setattr(runtime, "_status_kib", lambda name: real("VmRSS"))
     with runtime.PeakMemory(torch.device("cpu")) as meter:
-        block = torch.ones(64 * 2**20 // 4)
+        block = _fresh_pages(64 * 2**20)
         time.sleep(0.1)
-        del block
+        block.close()
     assert 48 <= meter.peak_mb <= 200
