@@ -321,8 +321,10 @@ class MGDFR(DistillationMethod):
         """Whether the fast salience applies: the layers after the tap act row by row on the tap output alone
         (probed on two training samples, outside the run's random stream). FuseNet's decoder unpools with
         encoder indices computed before the tap, so its salience takes the authors' loop."""
-        if self.teacher(context.data.batch(context.split["train"][:1])).ndim == 2:
-            return True
+        self.teacher.eval()   # no dropout draw, no BatchNorm statistics update from the probe
+        with torch.no_grad():
+            if self.teacher(context.data.batch(context.split["train"][:1])).ndim == 2:
+                return True
         probe = context.data.batch(context.split["train"][:2])
         try:
             with torch.random.fork_rng(devices=[]):
