@@ -1,14 +1,20 @@
-"""MLflow tracking: a fresh store opened by two processes at once, run status on failure."""
+"""Tracking: runs recorded in memory (times, JSON, replay order), a fresh MLflow store opened by two processes at
+once, run status on failure, and no metric logged twice at one step."""
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import subprocess
 import sys
 import textwrap
+from collections import Counter
 
 import pytest
 
+from pipeline.tracking.base import NullTracker
+from pipeline.tracking.recording import RecordedRun, RecordingTracker, now_ms, replay
 from tests.conftest import REPO
 
 mlflow_client = pytest.importorskip("mlflow.tracking").MlflowClient
@@ -18,7 +24,8 @@ OPEN_AND_LOG = textwrap.dedent("""
     from pathlib import Path
     from pipeline.tracking import open_tracker
     params = Path(sys.argv[1])
-    with open_tracker(True, "race", params, "test") as tracker:
+    # one stage each (as two queued experiments): a later attempt of one stage would supersede the earlier's run
+    with open_tracker(True, "race", params, f"test-{sys.argv[2]}") as tracker:
         with tracker.run(f"run-{sys.argv[2]}", {"p": 1}, {"k": "v"}) as run:
             run.log_metrics({"m": 1.0}, step=0)
 """)
@@ -61,3 +68,57 @@ def test_a_failing_run_is_marked_failed(tmp_path, monkeypatch):
     runs = client.search_runs([client.get_experiment_by_name("failing").experiment_id])
     assert {r.info.run_name: r.info.status for r in runs}["doomed"] == "FAILED"
     assert all(r.info.status == "FAILED" for r in runs)  # the pipeline's parent run too
+
+
+def test_a_recording_keeps_run_and_metric_times_and_failures():
+    tracker = RecordingTracker()
+    before = now_ms()
+    with tracker.run("ok", {"lr": 0.1}, {"k": "v"}) as run:
+        run.log_metrics({"loss": 1.0}, step=0)
+        run.log_metrics({"best_epoch": 0}, step=None)
+    with pytest.raises(RuntimeError):
+        with tracker.run("bad", {}, {}) as run:
+            raise RuntimeError("boom")
+    after = now_ms()
+    ok, bad = tracker.runs
+    assert ok.metrics == [({"loss": 1.0}, 0), ({"best_epoch": 0.0}, None)] and not ok.failed
+    assert before <= ok.start_ms <= ok.metric_times_ms[0] <= ok.metric_times_ms[1] <= ok.end_ms <= bad.start_ms
+    assert bad.failed and bad.start_ms <= bad.end_ms <= after
+
+
+def test_a_record_survives_json_exactly():
+    record = RecordedRun("r", {"lr": 0.1, "hooks": ["fc1", "fc2"], "note": None}, {"k": "v"},
+                         metrics=[({"loss": math.inf, "acc": 0.5}, 0), ({"best_epoch": 1.0}, None)],
+                         artifacts=[("a.png", bytes(range(256)))], failed=True, start_ms=1, end_ms=5,
+                         metric_times_ms=[2, 3])
+    text = json.dumps(record.to_json(), allow_nan=False)  # strict JSON
+    assert RecordedRun.from_json(json.loads(text)) == record
+    diverged = RecordedRun("n", {}, {}, metrics=[({"loss": math.nan}, 0)], metric_times_ms=[0])
+    back = RecordedRun.from_json(json.loads(json.dumps(diverged.to_json(), allow_nan=False)))
+    assert math.isnan(back.metrics[0][0]["loss"])
+
+
+def test_replay_forwards_records_in_order():
+    records = [RecordedRun(name, {}, {}) for name in ("a", "b", "c")]
+    outer = RecordingTracker()
+    replay(records, outer)
+    assert outer.runs == records
+    NullTracker().replay(records[0])  # logs nothing, raises nothing
+
+
+def test_no_metric_is_logged_twice_at_one_step_in_a_teachers_run(tmp_path):
+    """Every (key, step) pair of a tiny real teachers run is logged once (a summary value logged without a
+    step lands at step 0 in MLflow, beside the first epoch's values)."""
+    from pipeline.data.catalog import dataset_spec
+    from pipeline.orchestration.runs import LoadedDataset
+    from pipeline.orchestration.teachers import train_teachers
+    from tests.conftest import shrunk_params, synthetic_dataset, synthetic_split
+
+    loaded = LoadedDataset(dataset_spec("av_digits"), synthetic_dataset(), {0: synthetic_split()})
+    tracker = RecordingTracker()
+    train_teachers(shrunk_params(workers=1), loaded, tmp_path, tracker)
+    assert len(tracker.runs) == 3
+    for run in tracker.runs:
+        pairs = Counter((key, step or 0) for metrics, step in run.metrics for key in metrics)
+        assert {pair: n for pair, n in pairs.items() if n > 1} == {}, run.name
+        assert ("best_epoch", 0) in pairs and ("main/best_epoch", 0) in pairs, run.name

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 
@@ -19,6 +19,10 @@ class RunLogger(Protocol):
 class Tracker(Protocol):
     def run(self, name: str, params: Mapping[str, Any], tags: Mapping[str, str]) -> Any:
         """Context manager yielding a RunLogger; the run ends FINISHED, or FAILED if the block raises."""
+
+    def replay(self, record) -> None:
+        """Log one recorded run as it happened: its real start and end times, each metric at its recorded time
+        and step, its artifacts; it ends FINISHED, or FAILED when record.failed. Never left RUNNING."""
 
     def close(self, succeeded: bool) -> None: ...
 
@@ -37,6 +41,9 @@ class NullTracker:
     @contextmanager
     def run(self, name: str, params: Mapping[str, Any], tags: Mapping[str, str]) -> Iterator[NullRunLogger]:
         yield NullRunLogger()
+
+    def replay(self, record) -> None:
+        pass
 
     def close(self, succeeded: bool) -> None:
         pass
