@@ -208,7 +208,7 @@ def load_blocks(path: Path | str, types: dict[str, Any], *, restrict: bool = Tru
 # ---- restriction to the keys a DVC stage lists ----
 
 # Keys that never change a stage's outputs: readable by every stage without being listed in dvc.yaml.
-OUTPUT_NEUTRAL_KEYS = ("workers", "tracking")
+OUTPUT_NEUTRAL_KEYS = ("workers", "executor", "tracking")
 
 class UnlistedParamError(ParamsError):
     """A stage read a params key its dvc.yaml entry does not list."""

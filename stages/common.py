@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Callable
 
@@ -19,9 +20,15 @@ def parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+def _terminated(signum, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
 def run_stage(main: Callable[[], None]) -> None:
     """Run a stage; an expected error (bad params, bad data, bad checkpoint, unwritable output) prints one
-    clear line and exits with status 1 instead of a traceback."""
+    clear line and exits with status 1 instead of a traceback. SIGTERM (a job scheduler's stop, `kill`) unwinds
+    like an error, so the stage's MLflow runs end FAILED and its worker processes are stopped."""
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         main()
     except EXPECTED_ERRORS as err:

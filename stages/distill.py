@@ -8,7 +8,7 @@ from pipeline.io import check_writable
 from pipeline.methods import method_class
 from pipeline.orchestration.distill import distill
 from pipeline.orchestration.config import load_params
-from pipeline.orchestration.jobs import open_device
+from pipeline.orchestration.jobs import open_device, resumable_stage, stage_id
 from pipeline.orchestration.runs import check_applicable, load_dataset, write_records
 from pipeline.tracking import open_tracker
 from stages.common import parser, run_stage
@@ -28,9 +28,11 @@ def main() -> None:
     check_applicable(args.method, dataset_spec(args.dataset))
     check_writable(args.results)
     loaded = load_dataset(params, args.dataset, args.prepared, device)
-    with open_tracker(params.tracking.mlflow, args.dataset, Path(args.params), args.method) as tracker:
-        records = distill(params, args.method, loaded, args.teachers, tracker)
-    write_records(args.results, records)
+    name = stage_id("distill", args.dataset, args.method)
+    with resumable_stage(name, Path(args.params), [args.prepared, args.teachers], device):
+        with open_tracker(params.tracking.mlflow, args.dataset, Path(args.params), args.method, name) as tracker:
+            records = distill(params, args.method, loaded, args.teachers, tracker)
+        write_records(args.results, records)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from pathlib import Path
 from pipeline.io import check_writable
 from pipeline.orchestration import mst as mst_stages
 from pipeline.orchestration.config import load_params
-from pipeline.orchestration.jobs import open_device
+from pipeline.orchestration.jobs import open_device, resumable_stage, stage_id
 from pipeline.orchestration.runs import load_dataset, write_records
 from pipeline.tracking import open_tracker
 from stages.common import parser, run_stage
@@ -41,20 +41,23 @@ def main() -> None:
     loaded = load_dataset(params, args.dataset, args.prepared, device)
     name = {"collaborative_init": "mst_s1", "specialist_adaptation": "mst_s2",
             "dynamic_distillation": "mst_s3"}.get(args.step, f"mst_{args.step}")
-    with open_tracker(params.tracking.mlflow, args.dataset, Path(args.params), name) as tracker:
-        if args.step == "collaborative_init":
-            records = mst_stages.mst_collaborative_init(params, loaded, args.stage1, tracker)
-        elif args.step == "specialist_adaptation":
-            records = mst_stages.mst_specialist_adaptation(params, loaded, args.stage1, args.masks, tracker)
-        elif args.step == "dynamic_distillation":
-            records = mst_stages.mst_dynamic_distillation(params, loaded, args.stage1, args.masks, tracker)
-        elif args.step == "variants":
-            records = mst_stages.mst_variants(params, loaded, args.stage1, args.masks, args.variant_models, tracker)
-        elif args.step == "topk_sweep":
-            records = mst_stages.topk_sweep(params, loaded, args.stage1, args.masks, tracker)
-        else:
-            records = mst_stages.mst_ablation(params, loaded, args.teachers, args.stage1, args.masks, tracker)
-    write_records(args.results, records)
+    sid = stage_id(name, args.dataset)
+    inputs = [args.prepared, *[getattr(args, f) for f, mode in FOLDERS[args.step].items() if mode == "r"]]
+    with resumable_stage(sid, Path(args.params), inputs, device):
+        with open_tracker(params.tracking.mlflow, args.dataset, Path(args.params), name, sid) as tracker:
+            if args.step == "collaborative_init":
+                records = mst_stages.mst_collaborative_init(params, loaded, args.stage1, tracker)
+            elif args.step == "specialist_adaptation":
+                records = mst_stages.mst_specialist_adaptation(params, loaded, args.stage1, args.masks, tracker)
+            elif args.step == "dynamic_distillation":
+                records = mst_stages.mst_dynamic_distillation(params, loaded, args.stage1, args.masks, tracker)
+            elif args.step == "variants":
+                records = mst_stages.mst_variants(params, loaded, args.stage1, args.masks, args.variant_models, tracker)
+            elif args.step == "topk_sweep":
+                records = mst_stages.topk_sweep(params, loaded, args.stage1, args.masks, tracker)
+            else:
+                records = mst_stages.mst_ablation(params, loaded, args.teachers, args.stage1, args.masks, tracker)
+        write_records(args.results, records)
 
 
 if __name__ == "__main__":

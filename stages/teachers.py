@@ -5,7 +5,7 @@ from pathlib import Path
 from pipeline.io import check_writable
 from pipeline.orchestration.teachers import train_teachers
 from pipeline.orchestration.config import load_params
-from pipeline.orchestration.jobs import open_device
+from pipeline.orchestration.jobs import open_device, resumable_stage, stage_id
 from pipeline.orchestration.runs import load_dataset, write_records
 from pipeline.tracking import open_tracker
 from stages.common import parser, run_stage
@@ -22,9 +22,11 @@ def main() -> None:
     device = open_device(params)
     check_writable(args.results, args.models)
     loaded = load_dataset(params, args.dataset, args.prepared, device)
-    with open_tracker(params.tracking.mlflow, args.dataset, Path(args.params), "teachers") as tracker:
-        records = train_teachers(params, loaded, args.models, tracker)
-    write_records(args.results, records)
+    name = stage_id("teachers", args.dataset)
+    with resumable_stage(name, Path(args.params), [args.prepared], device):
+        with open_tracker(params.tracking.mlflow, args.dataset, Path(args.params), "teachers", name) as tracker:
+            records = train_teachers(params, loaded, args.models, tracker)
+        write_records(args.results, records)
 
 
 if __name__ == "__main__":

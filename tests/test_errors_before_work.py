@@ -11,7 +11,7 @@ import torch
 from pipeline.data.catalog import dataset_spec
 from pipeline.io import OutputError, check_writable
 from pipeline.orchestration.distill import distill
-from pipeline.orchestration.parallel import RecordingTracker
+from pipeline.tracking.recording import RecordingTracker
 from pipeline.orchestration.runs import LoadedDataset
 from pipeline.orchestration.teachers import train_teachers
 from pipeline.training.checkpoints import CheckpointError

@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from pipeline.data.catalog import dataset_spec
-from pipeline.orchestration import parallel
 from pipeline.orchestration.config import parse_params
-from pipeline.orchestration.parallel import RecordingTracker, resolve_workers, run_jobs
+from pipeline.orchestration import executors
+from pipeline.orchestration.executors import Job, LocalPool
+from pipeline.orchestration.parallel import resolve_workers, run_jobs
+from pipeline.tracking.recording import RecordingTracker
 from pipeline.orchestration.runs import LoadedDataset
 from pipeline.orchestration.teachers import train_teachers
 from tests.conftest import shrunk_params, shrunk_raw, synthetic_dataset, synthetic_split
@@ -70,21 +72,22 @@ def _failing_job(tracker):
 def test_a_failing_job_is_replayed_as_failed_and_reraised():
     tracker = RecordingTracker()
     with pytest.raises(ValueError, match="on purpose"):
-        run_jobs([lambda t: 7, _failing_job], tracker, workers=2, threads_per_run=1)
+        run_jobs([Job("ok", lambda t: 7), Job("bad", _failing_job)], tracker, LocalPool(2, 1, "fork"))
     assert [(r.name, r.failed) for r in tracker.runs] == [("bad", True)]
     assert tracker.runs[0].metrics == [({"x": 1.0}, 0)]
 
 
 def test_results_come_back_in_job_order():
-    jobs = [lambda t, i=i: i * i for i in range(5)]
-    assert run_jobs(jobs, RecordingTracker(), workers=2, threads_per_run=1) == [0, 1, 4, 9, 16]
-    assert parallel._JOBS == ()
+    jobs = [Job(f"j{i}", lambda t, i=i: i * i) for i in range(5)]
+    assert run_jobs(jobs, RecordingTracker(), LocalPool(2, 1, "fork")) == [0, 1, 4, 9, 16]
+    assert executors._FORKED_JOBS == ()
 
 
 def test_workers_resolution():
     assert resolve_workers(0, torch.device("cpu"), 100) >= 1
     assert resolve_workers(4, torch.device("cpu"), 3) == 3
     assert resolve_workers(4, torch.device("cuda"), 10) == 1
+    assert resolve_workers(0, torch.device("cuda"), 10, runs_per_gpu=3) == 3   # runs packed on one GPU
 
 
 def test_students_with_other_settings_get_their_own_wo_kd_runs(tmp_path):

@@ -16,6 +16,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -217,6 +218,12 @@ def test_every_run_is_in_mlflow_with_params_metrics_tags_and_artifacts(clone):
             assert "routing.png" in artifacts
         if tags["run.method"] == "fitnets":
             assert "history_hint.csv" in artifacts and "hint/val_hint" in run.data.metrics
+    # no metric is logged twice at one step, in any run (one query over the store)
+    import sqlite3
+    with sqlite3.connect(clone / "mlflow.db") as db:
+        repeated = db.execute("SELECT run_uuid, key, step, COUNT(*) FROM metrics GROUP BY run_uuid, key, step "
+                              "HAVING COUNT(*) > 1").fetchall()
+    assert not repeated
     kd_runs = [r for r in children if r.data.params["method"] == "kd"]
     assert all(r.data.params["kd.temperature"] == "4.0" and r.data.params["kd.alpha.initial"] == "0.5"
                for r in kd_runs)
@@ -283,6 +290,104 @@ def test_misspelled_param_fails_before_training(clone):
         params_path.write_text(original)
         # the failed stage removed its outputs: restore them for the next tests
         _run(["dvc", "repro", "--single-item", "distill@av_digits-kd"], clone)
+
+
+def _without_cost(results: dict) -> list[dict]:
+    return [{k: v for k, v in run.items() if k != "cost"} for run in results["runs"]]
+
+
+def _stage_workers(marker: str) -> list:
+    """The worker processes of the running stage whose command line holds `marker` (forked: the same command
+    line as the stage's process, whose children they are)."""
+    import psutil
+
+    procs = [p for p in psutil.process_iter(["cmdline", "ppid"]) if marker in " ".join(p.info["cmdline"] or [])]
+    pids = {p.pid for p in procs}
+    return [p for p in procs if p.info["ppid"] in pids]
+
+
+def test_a_killed_worker_fails_the_stage_fast_and_the_next_repro_trains_only_the_rest(clone):
+    """kill -9 of one worker mid-stage: the stage fails within 60 s naming the run and the signal; `dvc repro`
+    then trains only the runs that had not finished, its outputs equal the uninterrupted run's, and MLflow shows
+    the final runs only, none RUNNING."""
+    from mlflow.entities import ViewType
+
+    stage = "distill@av_digits-kd"
+    reference = json.loads((clone / "results" / "av_digits" / "kd.json").read_text())
+    n = len(reference["runs"])
+    cache = clone / ".run_cache" / stage
+    proc = subprocess.Popen(["dvc", "repro", "--force", "--single-item", stage], cwd=clone, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not list(cache.glob("*/done")):
+            assert proc.poll() is None and time.monotonic() < deadline, "the stage ended before a run finished"
+            time.sleep(0.05)
+        (victim, *_) = _stage_workers("stages.distill")
+        victim.kill()
+        killed = time.monotonic()
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0 and time.monotonic() - killed < 60, out
+    assert re.search(rf"error: run distill/kd/\S+/seed\d: its worker process \(pid {victim.pid}\) killed by SIGKILL "
+                     r"\(signal 9\)", out), out
+    assert "Traceback" not in out
+    finished = len(list(cache.glob("*/done")))
+    assert 1 <= finished < n
+    out = _run(["dvc", "repro"], clone).stdout
+    assert f"{stage}: {finished} of {n} runs finished in an interrupted attempt" in out, out
+    assert len(re.findall(r"^\[\d+/\d+\] distill/kd/", out, re.M)) == n - finished, out
+    assert _without_cost(json.loads((clone / "results" / "av_digits" / "kd.json").read_text())) == \
+        _without_cost(reference)
+    assert not cache.exists()   # forgotten once the stage completed
+    client, active = _mlflow_runs(clone)
+    experiment = client.get_experiment_by_name("av_digits").experiment_id
+    every = client.search_runs([experiment], run_view_type=ViewType.ALL, max_results=5000)
+    assert not [r.info.run_name for r in every if r.info.status == "RUNNING"]
+    # the runs of this pipeline invocation (same commit and params: one parent run; the first repro of the clone
+    # ran at another commit and keeps its own runs)
+    parent = next(r for r in active if r.data.tags.get("pipeline.resumed") == "true").data.tags["mlflow.parentRunId"]
+    shown = [r for r in active if r.data.tags.get("dvc.stage") == stage and r.data.tags.get("run.role") == "training"
+             and r.data.tags["mlflow.parentRunId"] == parent]
+    assert sorted(r.info.run_name for r in shown) == sorted(run["run_name"] for run in reference["runs"])
+    assert len([r for r in shown if r.data.tags.get("pipeline.resumed") == "true"]) == finished
+    for run in shown:   # replayed runs carry their real training time, not the replay's milliseconds
+        assert run.info.end_time - run.info.start_time >= 1000 * float(run.data.metrics["wall_time_s"]) - 1
+    superseded = [r for r in every if r.data.tags.get("pipeline.superseded") == "true"
+                  and r.data.tags.get("dvc.stage") == stage]
+    assert len(superseded) >= finished and all(r.info.lifecycle_stage == "deleted" for r in superseded)
+
+
+def test_the_ray_executor_gives_the_local_executor_s_results(clone):
+    """`executor.kind: ray` (a private Ray instance on 127.0.0.1 per stage): the teachers and MST-Distill's phase 3
+    (checkpoints and MaskNets read by every task) give the records and checkpoints the local executor gave; the
+    executor is no stage param, so DVC sees nothing to re-run until forced. (Each stage starts its own Ray
+    instance, ~15 s here: the whole tiny pipeline under Ray would double this file's time.)"""
+    stages = {"teachers@av_digits": "teachers.json", "mst_s3@av_digits": "mst.json"}
+    reference = {name: json.loads((clone / "results" / "av_digits" / name).read_text()) for name in stages.values()}
+    lock = yaml.safe_load((clone / "dvc.lock").read_text())["stages"]
+
+    def model_hashes(lock):
+        return {stage: [o["md5"] for o in lock[stage]["outs"] if o["path"].startswith("models/")]
+                for stage in stages}
+    params_path = clone / "params.yaml"
+    original = params_path.read_text()
+    params = yaml.safe_load(original)
+    params["executor"]["kind"] = "ray"
+    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        assert "Running stage" not in _run(["dvc", "repro", *stages], clone).stdout
+        out = _run(["dvc", "repro", "--force", "--single-item", *stages], clone).stdout
+        assert out.count("Running stage") == len(stages), out
+        for name in stages.values():
+            assert _without_cost(json.loads((clone / "results" / "av_digits" / name).read_text())) == \
+                _without_cost(reference[name]), name
+        assert model_hashes(yaml.safe_load((clone / "dvc.lock").read_text())["stages"]) == model_hashes(lock)
+    finally:
+        params_path.write_text(original)
+    _run(["dvc", "repro"], clone)
 
 
 def test_topk_override_reruns_only_stage_3(clone):

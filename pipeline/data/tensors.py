@@ -36,6 +36,18 @@ class MappedModality:
     def __len__(self) -> int:
         return self.shape[0]
 
+    def to(self, device: torch.device) -> "MappedModality":
+        return MappedModality(self.array, torch.device(device))
+
+    def __reduce__(self):
+        # sent to another process (a spawned worker, a Ray task), a whole-file map is reopened there by name
+        # instead of being copied; another array is pickled as it is
+        array = self.array
+        if (isinstance(array, np.memmap) and array.filename and array.flags.c_contiguous
+                and os.path.exists(array.filename) and array.offset + array.nbytes == os.path.getsize(array.filename)):
+            return _reopen_mapped, (array.filename, array.dtype.str, array.offset, array.shape, str(self.device))
+        return MappedModality, (np.asarray(array), self.device)
+
     def __getitem__(self, index: torch.Tensor) -> torch.Tensor:
         positions = index.detach().cpu().numpy()
         order = np.argsort(positions, kind="stable")
@@ -45,6 +57,11 @@ class MappedModality:
         if self.device.type == "cuda":
             return tensor.pin_memory().to(self.device, non_blocking=True)
         return tensor
+
+
+def _reopen_mapped(filename: str, dtype: str, offset: int, shape: tuple[int, ...], device: str) -> MappedModality:
+    return MappedModality(np.memmap(filename, dtype=np.dtype(dtype), mode="r", offset=offset, shape=shape),
+                          torch.device(device))
 
 
 def device_budget_bytes(device: torch.device) -> int:
@@ -98,6 +115,11 @@ class DeviceDataset:
         if ignore_label is not None:
             y = torch.where(y == ignore_label, torch.full_like(y, IGNORE), y)
         return cls(m1=m1, m2=m2, y=y, ignore_label=ignore_label)
+
+    def to(self, device: torch.device) -> "DeviceDataset":
+        """The same dataset with its tensors on `device` (a mapped modality stays mapped, gathering onto it)."""
+        return DeviceDataset(m1=self.m1.to(device), m2=self.m2.to(device), y=self.y.to(device),
+                             ignore_label=self.ignore_label)
 
     @property
     def mapped(self) -> bool:

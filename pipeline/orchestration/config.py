@@ -28,6 +28,7 @@ from pipeline.data.splits import SplitParams
 from pipeline.extraction.settings import EXTRACTORS, ExtractionParams, extracted_folder
 from pipeline.methods import check_teacher_config, method_class, method_names
 from pipeline.models.settings import FuseNetParams
+from pipeline.orchestration.executors import ExecutorParams
 from pipeline.params import (NON_NEGATIVE, POSITIVE, BlockError, UnlistedParamError, fail, listed_params,
                              parse, read_yaml, restrict_to)
 from pipeline.tracking.base import TrackingParams
@@ -43,6 +44,7 @@ class Params:
     deterministic: bool
     workers: int = field(metadata=NON_NEGATIVE)
     threads_per_run: int = field(metadata=POSITIVE)
+    executor: ExecutorParams
     datasets: dict[str, str]
     studies: list[str]
     extract: dict[str, str]

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from pipeline.methods import check_teacher_config, method_class
 from pipeline.orchestration.config import Params
+from pipeline.orchestration.executors import Job
 from pipeline.orchestration.jobs import check_networks, load_network, run_jobs
 from pipeline.orchestration.runs import LoadedDataset, RunRecord, make_setup, run_method
 from pipeline.tracking.base import Tracker
@@ -39,7 +40,7 @@ def distill(params: Params, method_name: str, loaded: LoadedDataset, teachers_di
                                                           student=loaded.role_network(target),
                                                           method_params=method_params))
             return outcome.records[0]
-        return run
+        return Job(f"distill/{method_name}/{config}/{spec.modality_name(target)}/seed{seed}", run)
 
     jobs = [job(seed, target, config) for seed in params.seeds for target in ("m1", "m2") for config in configs]
     return run_jobs(params, loaded, jobs, tracker)

@@ -1,8 +1,12 @@
-"""What every stage's runs share: the run device, independent runs side by side, and the checkpoints of
-earlier stages (their paths, and a check of every one a stage will load before any training)."""
+"""What every stage's runs share: the run device, independent runs side by side (resumed after a crash), and
+the checkpoints of earlier stages (their paths, and a check of every one a stage will load before any training)."""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -10,6 +14,9 @@ import torch
 from pipeline.models.registry import Network
 from pipeline.orchestration import parallel
 from pipeline.orchestration.config import Params
+from pipeline.orchestration.executors import Job
+from pipeline.orchestration.progress import StageProgress
+from pipeline.orchestration.run_cache import RunCache, stage_fingerprint
 from pipeline.orchestration.runs import ROLES, LoadedDataset, network_inputs
 from pipeline.tracking.base import Tracker
 from pipeline.training.checkpoints import load_checkpoint, read_module_state
@@ -23,10 +30,46 @@ def open_device(params: Params) -> torch.device:
     return resolve_device(params.device)
 
 
-def run_jobs(params: Params, loaded: LoadedDataset, jobs: list, tracker: Tracker) -> list:
-    """A stage's independent runs, side by side in `params.workers` processes."""
-    workers = parallel.resolve_workers(params.workers, loaded.data.device, len(jobs))
-    return parallel.run_jobs(jobs, tracker, workers, params.threads_per_run)
+@dataclass
+class StageSession:
+    stage_id: str
+    cache: RunCache | None
+
+
+_SESSION: StageSession | None = None
+
+
+def stage_id(*parts: str) -> str:
+    """The stage instance's name: DVC's (`distill@av_digits-kd`) under DVC, else the parts joined."""
+    return os.environ.get("DVC_STAGE") or "-".join(parts)
+
+
+@contextmanager
+def resumable_stage(name: str, params_path: Path, inputs: Sequence[Path], device: torch.device,
+                    resume: bool = True) -> Iterator[StageSession]:
+    """The stage's runs are resumable inside this block: each finished run is kept in the run cache (keyed by
+    the params file, the code, the input files and the device), and a later attempt takes the finished ones
+    back. Leaving the block normally (the stage wrote its outputs) forgets them; an exception keeps them."""
+    global _SESSION
+    cache = RunCache(name, stage_fingerprint(Path(params_path).read_text(), inputs, str(device))) if resume else None
+    _SESSION = StageSession(name, cache)
+    try:
+        yield _SESSION
+    finally:
+        _SESSION = None
+    if cache is not None:
+        cache.clear()
+
+
+def run_jobs(params: Params, loaded: LoadedDataset, jobs: list[Job], tracker: Tracker) -> list:
+    """A stage's independent runs with the executor of `params.executor` (resumed from the run cache inside
+    `resumable_stage`), one progress line per finished run."""
+    session = _SESSION
+    executor = parallel.make_executor(params.executor, params.workers, params.threads_per_run, loaded.data.device,
+                                      len(jobs))
+    name = session.stage_id if session else jobs[0].name.split("/")[0] if jobs else "stage"
+    return parallel.run_jobs(jobs, tracker, executor, cache=session.cache if session else None,
+                             progress=StageProgress(name, len(jobs)))
 
 
 def network_path(folder: Path, seed: int, role: str) -> Path:

@@ -16,6 +16,7 @@ from pipeline.methods.mst.settings import ABLATION_SETTINGS, MST_VARIANTS, STAGE
 from pipeline.methods.mst.specialist_adaptation import SpecialistMasks
 from pipeline.models.registry import Network
 from pipeline.orchestration.config import Params
+from pipeline.orchestration.executors import Job
 from pipeline.orchestration.jobs import check_masks, check_networks, load_network, masks_path, network_path, run_jobs
 from pipeline.orchestration.runs import ROLES, LoadedDataset, RunRecord, make_setup, run_method
 from pipeline.params import BlockError, fail
@@ -43,7 +44,8 @@ def mst_collaborative_init(params: Params, loaded: LoadedDataset, models_dir: Pa
                               setup=lambda: make_setup(loaded, params, seed, method="mst", target="m1",
                                                        teacher_config="mm+cm", student=None,
                                                        phase="collaborative_init", method_params=mst)).records
-        return run
+        return Job(f"{stage}/{setting}/collaborative_init/seed{seed}", run,
+                   tuple(network_path(models_dir, seed, role) for role in ROLES))
 
     return [r for records in run_jobs(params, loaded, [job(seed) for seed in params.seeds], tracker) for r in records]
 
@@ -58,6 +60,8 @@ def _specialist_run(params: Params, loaded: LoadedDataset, tracker: Tracker, *, 
     return run_method(params, loaded, tracker, stage=stage, method="mst", teacher=mst.teacher_set, target=target,
                       seed=seed, config=params.teacher_training[loaded.spec.key], phase="specialist_adaptation",
                       setting=setting, save={"masks": save} if save else None,
+                      # a variant's phase-2 and phase-3 runs share the setting: the phase tells them apart
+                      name_suffix="specialist_adaptation" if stage == "mst_variants" else "",
                       setup=lambda: make_setup(loaded, params, seed, method="mst", target=target,
                                                teacher_config="mm+cm", student=None, phase="specialist_adaptation",
                                                restored={"networks": _networks(loaded, networks_dir, seed)},
@@ -75,7 +79,8 @@ def mst_specialist_adaptation(params: Params, loaded: LoadedDataset, stage1_dir:
             return _specialist_run(params, loaded, tracker, stage=stage, networks_dir=stage1_dir, seed=seed,
                                    target=target, setting=setting,
                                    save=masks_path(masks_dir, seed, target)).records[0]
-        return run
+        return Job(f"{stage}/{setting}/specialist_adaptation/{loaded.spec.modality_name(target)}/seed{seed}", run,
+                   (masks_path(masks_dir, seed, target),))
 
     return run_jobs(params, loaded, [job(seed, target) for seed in params.seeds for target in ("m1", "m2")], tracker)
 
@@ -113,7 +118,8 @@ def _distillation_run(params: Params, loaded: LoadedDataset, tracker: Tracker, *
 
     return run_method(params, loaded, tracker, stage=stage, method="mst", teacher=mst.teacher_set, target=target,
                       seed=seed, config=params.training[loaded.spec.key], phase="dynamic_distillation",
-                      setting=setting, setup=setup).records[0]
+                      setting=setting, setup=setup,
+                      name_suffix=f"top{topk}" if stage == "mst_topk_sweep" else "").records[0]
 
 
 def mst_dynamic_distillation(params: Params, loaded: LoadedDataset, stage1_dir: Path, masks_dir: Path,
@@ -129,7 +135,8 @@ def mst_dynamic_distillation(params: Params, loaded: LoadedDataset, stage1_dir: 
         def run(tracker: Tracker) -> RunRecord:
             return _distillation_run(params, loaded, tracker, stage=stage, seed=seed, target=target, setting=setting,
                                      networks_dir=stage1_dir, masks=masks_path(masks_dir, seed, target), topk=k)
-        return run
+        return Job(f"{stage}/{setting}/dynamic_distillation/top{k}/{loaded.spec.modality_name(target)}/seed{seed}",
+                   run)
 
     jobs = [job(seed, target, k) for k in topks for seed in params.seeds for target in ("m1", "m2")]
     return run_jobs(params, loaded, jobs, tracker)
@@ -163,7 +170,7 @@ def mst_ablation(params: Params, loaded: LoadedDataset, teachers_dir: Path, stag
                                                  target=target, setting=setting, masks=masks, topk=params.topk,
                                                  networks_dir=stage1_dir if s1 else teachers_dir))
             return records
-        return run
+        return Job(f"mst_ablation/{loaded.spec.modality_name(target)}/seed{seed}", run)
 
     jobs = [job(seed, target) for seed in params.seeds for target in ("m2", "m1")]
     records = [r for group in run_jobs(params, loaded, jobs, tracker) for r in group]

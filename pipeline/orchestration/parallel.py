@@ -1,147 +1,117 @@
-"""A stage's independent training runs in worker processes, with results independent of the worker count.
+"""A stage's independent training runs: taken from the run cache when an interrupted attempt finished them,
+else executed (executors.py), each finished run kept in the cache at once, reported on the progress line and
+replayed into the stage's tracker in job order.
 
-On a CPU, the small networks of the benchmark use two cores poorly inside one run (per-batch kernels
-are too small to split), so running independent runs side by side in one-thread processes gets
-1.9× more work done on 2 cores (the teachers stage; `python -m benchmarks.parallel_runs` measures it).
-Every run seeds itself and every process uses the same number of torch threads (`runtime.threads_per_run`),
-so each run computes exactly what it would compute alone: the results do not depend on `runtime.workers`
-(tested).
+On a CPU, the small networks of the benchmark use two cores poorly inside one run (per-batch kernels are too
+small to split), so independent runs side by side in one-thread processes get 1.9× more work done on 2 cores
+(the teachers stage; `python -m benchmarks.parallel_runs` measures it). Every run seeds itself and every
+process uses the same number of torch threads (`threads_per_run`), so each run computes exactly what it would
+compute alone: results do not depend on `workers` or on the executor (tested).
 
-Worker processes are forked, so jobs may be closures over the loaded dataset. They do not talk to
-MLflow themselves (a forked sqlite connection is not safe): each records its runs in memory
-(`RecordingTracker`) and the parent replays them, in job order, into the stage's tracker. A job that
-fails is replayed as a FAILED run and its exception re-raised in the parent after the other jobs end.
-CUDA cannot be used in forked children, so on a GPU the runs go one after another in the main process.
+A job that fails is replayed as a FAILED run and its exception re-raised after the other jobs end; a worker that
+dies fails the stage at once (`WorkerDied`), after replaying the runs that finished.
 """
 
 from __future__ import annotations
 
-import multiprocessing
 import os
-import tempfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, TypeVar
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
+from pipeline.orchestration.executors import (ExecutorParams, Job, LocalPool, Outcome, RayExecutor, SerialExecutor,
+                                              WorkerDied)
+from pipeline.orchestration.progress import StageProgress
+from pipeline.orchestration.run_cache import RunCache
+from pipeline.orchestration.runs import LoadedDataset, RunRecord
 from pipeline.tracking.base import Tracker
-
-T = TypeVar("T")
-Job = Callable[[Tracker], T]
+from pipeline.tracking.recording import RecordedRun, replay
 
 
-@dataclass
-class RecordedRun:
-    name: str
-    params: dict[str, Any]
-    tags: dict[str, str]
-    metrics: list[tuple[dict[str, float], int | None]] = field(default_factory=list)
-    artifacts: list[tuple[str, bytes]] = field(default_factory=list)
-    failed: bool = False
-
-
-class _RecordingRunLogger:
-    def __init__(self, run: RecordedRun) -> None:
-        self._run = run
-
-    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        self._run.metrics.append(({k: float(v) for k, v in metrics.items()}, step))
-
-    def log_artifact(self, path: Path) -> None:
-        self._run.artifacts.append((Path(path).name, Path(path).read_bytes()))
-
-
-class RecordingTracker:
-    """Keeps everything a job logs, to be replayed into the real tracker by the parent process."""
-
-    def __init__(self) -> None:
-        self.runs: list[RecordedRun] = []
-
-    @contextmanager
-    def run(self, name: str, params: Mapping[str, Any], tags: Mapping[str, str]) -> Iterator[_RecordingRunLogger]:
-        record = RecordedRun(name, dict(params), dict(tags))
-        self.runs.append(record)
-        try:
-            yield _RecordingRunLogger(record)
-        except BaseException:
-            record.failed = True
-            raise
-
-    def close(self, succeeded: bool) -> None:
-        pass
-
-
-class _ReplayedFailure(Exception):
-    pass
-
-
-def replay(runs: Sequence[RecordedRun], tracker: Tracker) -> None:
-    """Log recorded runs into `tracker`, each ending FINISHED or, if it failed in the worker, FAILED."""
-    for record in runs:
-        try:
-            with tracker.run(record.name, record.params, record.tags) as logger:
-                if hasattr(logger, "log_metric_series"):  # one request instead of one per epoch
-                    logger.log_metric_series(record.metrics)
-                else:
-                    for metrics, step in record.metrics:
-                        logger.log_metrics(metrics, step=step)
-                with tempfile.TemporaryDirectory() as tmp:
-                    for name, data in record.artifacts:
-                        path = Path(tmp) / name
-                        path.write_bytes(data)
-                        logger.log_artifact(path)
-                if record.failed:
-                    raise _ReplayedFailure(record.name)
-        except _ReplayedFailure:
-            pass
-
-
-def resolve_workers(setting: str | int, device: torch.device, n_jobs: int) -> int:
-    """`auto` (or 0): one worker per CPU core on a CPU device, 1 on a GPU; never more than there are jobs."""
+def resolve_workers(setting: str | int, device: torch.device, n_jobs: int, runs_per_gpu: int = 1) -> int:
+    """`auto` (or 0): one worker per CPU core on a CPU device, `runs_per_gpu` on a GPU; never more than there
+    are jobs."""
     if device.type != "cpu":
-        return 1
-    workers = (os.cpu_count() or 1) if setting in ("auto", 0) else int(setting)
+        workers = runs_per_gpu
+    else:
+        workers = (os.cpu_count() or 1) if setting in ("auto", 0) else int(setting)
     return max(1, min(workers, n_jobs))
 
 
-_JOBS: Sequence[Job] = ()
+def make_executor(executor: ExecutorParams, workers: int | str, threads_per_run: int, device: torch.device,
+                  n_jobs: int):
+    """The executor `executor.kind` names, for `n_jobs` runs on `device`."""
+    if executor.kind == "ray":
+        return RayExecutor(executor, threads_per_run, device, shared_types=(LoadedDataset,))
+    count = resolve_workers(workers, device, n_jobs, executor.runs_per_gpu)
+    if count <= 1:
+        return SerialExecutor()
+    # CUDA cannot be initialised again in a forked child: spawned workers get the dataset sent once
+    method = "fork" if device.type == "cpu" else "spawn"
+    return LocalPool(count, threads_per_run, method, shared_types=(LoadedDataset,))
 
 
-def _worker_init(threads: int) -> None:
-    torch.set_num_threads(threads)
+def summary(result: Any) -> str:
+    """The test metric of a finished run, for its progress line."""
+    records = result if isinstance(result, list) else [result]
+    for record in records:
+        if isinstance(record, RunRecord) and record.test_metrics.get("miou") is not None:
+            return f"{record.target}: mIoU {100 * record.test_metrics['miou']:.2f} %"
+        if isinstance(record, RunRecord) and record.test_accuracy is not None:
+            return f"{record.target}: test {100 * record.test_accuracy:.2f} %"
+    return "done"
 
 
-def _run_job(i: int) -> tuple[Any, list[RecordedRun], BaseException | None]:
-    recorder = RecordingTracker()
+def _mark_resumed(record: RecordedRun) -> RecordedRun:
+    record.tags = {**record.tags, "pipeline.resumed": "true"}
+    return record
+
+
+def run_jobs(jobs: Sequence[Job], tracker: Tracker, executor, *, cache: RunCache | None = None,
+             progress: StageProgress | None = None) -> list[Any]:
+    """Run `jobs` (each `job.run(tracker) -> result`) with `executor`, results in job order; jobs finished by an
+    interrupted attempt come from `cache`. Runs are replayed into `tracker` in job order."""
+    ready: dict[int, Outcome] = {}
+    to_run = []
+    for i, job in enumerate(jobs):
+        hit = cache.get(job.name, job.outputs) if cache is not None else None
+        if hit is None:
+            to_run.append(i)
+        else:
+            ready[i] = Outcome(i, hit.result, [_mark_resumed(r) for r in hit.runs], None, hit.seconds, cached=True)
+    if progress is not None:
+        progress.resumed(len(ready))
+        progress.start()
+    replayed = 0
+
+    def flush() -> None:
+        nonlocal replayed
+        while replayed < len(jobs) and replayed in ready:
+            replay(ready[replayed].runs, tracker)
+            replayed += 1
+
     try:
-        return _JOBS[i](recorder), recorder.runs, None
-    except BaseException as err:  # returned, not raised: the other jobs and the replay still happen
-        return None, recorder.runs, err
-
-
-def run_jobs(jobs: Sequence[Job], tracker: Tracker, workers: int, threads_per_run: int) -> list[Any]:
-    """Run `jobs` (each `job(tracker) -> result`), in `workers` forked processes when > 1; results in job
-    order. Runs are logged to `tracker` in job order either way."""
-    if workers <= 1 or len(jobs) <= 1:
-        return [job(tracker) for job in jobs]
-    global _JOBS
-    _JOBS = jobs
-    outcomes = []
-    try:
-        context = multiprocessing.get_context("fork")
-        # workers are reused across runs: a fresh process per run (maxtasksperchild=1) would give cleaner
-        # per-run memory figures but cost 9-18 % more wall time (`python -m benchmarks.parallel_runs`)
-        with context.Pool(workers, initializer=_worker_init, initargs=(threads_per_run,)) as pool:
-            # replay each job's runs as soon as it (and every earlier job) is done, while later jobs still train
-            for outcome in pool.imap(_run_job, range(len(jobs)), chunksize=1):
-                replay(outcome[1], tracker)
-                outcomes.append(outcome)
+        flush()
+        for outcome in executor.execute(jobs, to_run):
+            job = jobs[outcome.index]
+            if outcome.error is None and cache is not None:
+                cache.put(job.name, outcome.result, outcome.runs, job.outputs, outcome.seconds)
+            if progress is not None:
+                text = summary(outcome.result) if outcome.error is None else f"FAILED: {outcome.error}"
+                progress.finished(job.name, text, outcome.seconds)
+            ready[outcome.index] = outcome
+            flush()
+    except WorkerDied:
+        # the finished runs are in the cache; show them in MLflow too, in job order, before failing
+        for i in sorted(ready):
+            if i >= replayed:
+                replay(ready[i].runs, tracker)
+        raise
     finally:
-        _JOBS = ()
-    for _, _, error in outcomes:
-        if error is not None:
-            raise error
-    return [result for result, _, _ in outcomes]
+        if progress is not None:
+            progress.close()
+    for i in range(len(jobs)):
+        if ready[i].error is not None:
+            raise ready[i].error
+    return [ready[i].result for i in range(len(jobs))]

@@ -25,6 +25,7 @@ from pipeline.io import write_json
 from pipeline.methods import DistillationMethod, MethodSetup, method_class
 from pipeline.models.registry import Network, build_network, takes_options
 from pipeline.orchestration.config import Params
+from pipeline.orchestration.progress import EpochProgress
 from pipeline.params import ParamsError
 from pipeline.reporting.figures import confusion_matrix_png, routing_curves_png
 from pipeline.tracking.base import Tracker
@@ -78,6 +79,15 @@ class LoadedDataset:
     data: DeviceDataset
     splits: dict[int, dict[str, torch.Tensor]]
     model_options: dict[str, Any] = field(default_factory=dict)   # e.g. FuseNet's width (params `fusenet`)
+
+    def to(self, device: torch.device) -> "LoadedDataset":
+        """The same dataset and splits on `device` (a Ray worker's run device)."""
+        device = torch.device(device)
+        if device == self.data.device:
+            return self
+        return LoadedDataset(self.spec, self.data.to(device),
+                             {seed: {k: v.to(device) for k, v in split.items()} for seed, split in self.splits.items()},
+                             self.model_options)
 
     def input_shapes(self, inputs: tuple[str, ...]) -> list[tuple[int, ...]]:
         return [tuple(getattr(self.data, key).shape[1:]) for key in inputs]
@@ -146,16 +156,17 @@ class RunOutcome:
 def run_method(params: Params, loaded: LoadedDataset, tracker: Tracker, *, stage: str, method: str, teacher: str,
                target: str | None, seed: int, config: TrainingParams, setup: Callable[[], MethodSetup],
                phase: str | None = None, setting: str = "default", save: dict[str, Path] | None = None,
-               run_params: dict | None = None) -> RunOutcome:
+               run_params: dict | None = None, name_suffix: str = "") -> RunOutcome:
     """Seed, build (`setup()` runs after seeding, so every network it builds draws from the run's seed), train
     and evaluate one method run, recorded as one tracked run. `target`: the student's batch key (None for a
     run that trains every network, MST-Distill's collaborative initialisation). `save`: checkpoint name (as
-    the method's `checkpoints()`, or "student") → path."""
+    the method's `checkpoints()`, or "student") → path. `name_suffix` tells apart runs of one stage that would
+    otherwise share a name (the top-k sweep's k, a method variant's phase)."""
     spec = loaded.spec
     cls = method_class(method)
     target_name = spec.modality_name(target) if target else "all"
     label = method if setting in ("default", "teacher") else f"{method}-{setting}"
-    name = f"{stage}/{label}/{teacher}/{target_name}/seed{seed}"
+    name = f"{stage}/{label}/{teacher}/{target_name}/seed{seed}" + (f"/{name_suffix}" if name_suffix else "")
     context = RunContext(loaded.data, loaded.splits[seed], config.batch_size, config.epochs, config.lr,
                          spec.num_classes, torch.Generator().manual_seed(seed), selection=params.engine.selection,
                          # validation batches have the training batch size, as in the authors' loaders: the
@@ -176,11 +187,16 @@ def run_method(params: Params, loaded: LoadedDataset, tracker: Tracker, *, stage
                   **{f"train.{k}": v for k, v in dataclasses.asdict(config).items()},
                   **{f"engine.{k}": v for k, v in dataclasses.asdict(params.engine).items()},
                   "deterministic": params.deterministic, **method_block, **(run_params or {})}
+    progress = EpochProgress(name, params.executor.progress_interval_s)
+
+    def log(phase_name: str, epoch: int, metrics: dict[str, float]) -> None:
+        run.log_metrics({f"{phase_name}/{k}": v for k, v in metrics.items()}, step=epoch)
+        progress.epoch(phase_name, epoch, metrics)
+
     with tracker.run(name, all_params, tags) as run:
         started = time.perf_counter()
         with PeakMemory(loaded.data.device) as memory:
-            result = train(built, context, log=lambda phase_name, epoch, metrics: run.log_metrics(
-                {f"{phase_name}/{k}": v for k, v in metrics.items()}, step=epoch))
+            result = train(built, context, log=log)
         cost = {"train_s": round(time.perf_counter() - started, 3), "peak_mb": memory.peak_mb,
                 "device": str(loaded.data.device)}
         extras = built.run_extras(result)

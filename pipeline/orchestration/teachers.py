@@ -9,6 +9,7 @@ from pathlib import Path
 from pipeline.io import check_writable
 from pipeline.methods.ce import CrossEntropyOnly
 from pipeline.orchestration.config import Params
+from pipeline.orchestration.executors import Job
 from pipeline.orchestration.jobs import network_path, run_jobs
 from pipeline.orchestration.runs import ROLES, LoadedDataset, RunRecord, make_setup, run_method
 from pipeline.tracking.base import Tracker
@@ -37,7 +38,8 @@ def train_teachers(params: Params, loaded: LoadedDataset, models_dir: Path, trac
             if setting == "teacher" and role != "mm" and teacher_cfg == student_cfg:
                 return [record, dataclasses.replace(record, setting="wo_kd")]
             return [record]
-        return run
+        return Job(f"teachers/{setting}/{loaded.spec.modality_name(role)}/seed{seed}", run,
+                   (network_path(models_dir, seed, role),) if setting == "teacher" else ())
 
     # the slow multimodal runs first, so the worker processes finish together
     jobs = [job(seed, role, "teacher") for role in ("mm", "m2", "m1") for seed in params.seeds]
