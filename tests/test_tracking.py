@@ -12,12 +12,11 @@ import textwrap
 from collections import Counter
 
 import pytest
+from mlflow.tracking import MlflowClient as mlflow_client
 
 from pipeline.tracking.base import NullTracker
 from pipeline.tracking.recording import RecordedRun, RecordingTracker, now_ms, replay
 from tests.conftest import REPO
-
-mlflow_client = pytest.importorskip("mlflow.tracking").MlflowClient
 
 OPEN_AND_LOG = textwrap.dedent("""
     import sys

@@ -10,16 +10,14 @@ import subprocess
 import sys
 import textwrap
 
+import mlflow.tracking as mlflow_tracking
 import pytest
+from mlflow.entities import ViewType
 
+from pipeline.tracking import open_tracker
+from pipeline.tracking.mlflow_tracker import ATTEMPT_TAG, HOST_TAG, PID_TAG, STAGE_ID_TAG
+from pipeline.tracking.recording import RecordedRun, now_ms
 from tests.conftest import REPO
-
-mlflow_tracking = pytest.importorskip("mlflow.tracking")
-from mlflow.entities import ViewType  # noqa: E402
-
-from pipeline.tracking import open_tracker  # noqa: E402
-from pipeline.tracking.mlflow_tracker import ATTEMPT_TAG, HOST_TAG, PID_TAG, STAGE_ID_TAG  # noqa: E402
-from pipeline.tracking.recording import RecordedRun, now_ms  # noqa: E402
 
 
 @pytest.fixture(scope="module")
