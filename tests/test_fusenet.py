@@ -450,3 +450,17 @@ def test_bad_width_modality_and_dropout():
         FuseNetBranch(C, "rgb", dropout=1.0)
     with pytest.raises(ValueError, match="modality 'thermal'"):
         build_fusenet_branch(C, [(3, 32, 32)], "thermal")
+
+
+def test_module_names_come_from_a_meta_model_without_random_draws():
+    """Params validation lists FuseNet's module names on the meta device in every stage: nothing is drawn there
+    (the draws cost ~2 s a stage), and the names equal a real network's."""
+    from pipeline.models import registry
+
+    registry._NAMES_CACHE.pop("fusenet_i", None)
+    before = torch.random.get_rng_state()
+    names = registry.module_names("fusenet_i")
+    assert torch.equal(torch.random.get_rng_state(), before)
+    real = registry.build_network("fusenet_i", ["m1", "m2"], C, [(3, 32, 32), (1, 32, 32)], {"width": 0.0625})
+    assert names == [name for name, _ in real.body.named_modules() if name]
+    assert next(real.parameters()).abs().sum() > 0   # a real network is still initialised

@@ -361,17 +361,14 @@ def test_a_killed_worker_fails_the_stage_fast_and_the_next_repro_trains_only_the
 
 
 def test_the_ray_executor_gives_the_local_executor_s_results(clone):
-    """`executor.kind: ray` (a private Ray instance on 127.0.0.1 per stage): the teachers and MST-Distill's phase 3
-    (checkpoints and MaskNets read by every task) give the records and checkpoints the local executor gave; the
-    executor is no stage param, so DVC sees nothing to re-run until forced. (Each stage starts its own Ray
-    instance, ~15 s here: the whole tiny pipeline under Ray would double this file's time.)"""
-    stages = {"teachers@av_digits": "teachers.json", "mst_s3@av_digits": "mst.json"}
+    """`executor.kind: ray` (a private Ray instance on 127.0.0.1 per stage) under `dvc repro`: MST-Distill's phase 3
+    (the dataset shipped once, phase-1 checkpoints and phase-2 MaskNets read by every task, teachers' outputs
+    cached) gives the records the local executor gave; the executor is no stage param, so DVC sees nothing to
+    re-run until forced. The teachers under Ray, checkpoints compared byte for byte, are in
+    tests/test_ray_executor.py. (Each stage starts its own Ray instance, ~15 s here: the whole tiny pipeline
+    under Ray would double this file's time.)"""
+    stages = {"mst_s3@av_digits": "mst.json"}
     reference = {name: json.loads((clone / "results" / "av_digits" / name).read_text()) for name in stages.values()}
-    lock = yaml.safe_load((clone / "dvc.lock").read_text())["stages"]
-
-    def model_hashes(lock):
-        return {stage: [o["md5"] for o in lock[stage]["outs"] if o["path"].startswith("models/")]
-                for stage in stages}
     params_path = clone / "params.yaml"
     original = params_path.read_text()
     params = yaml.safe_load(original)
@@ -384,7 +381,6 @@ def test_the_ray_executor_gives_the_local_executor_s_results(clone):
         for name in stages.values():
             assert _without_cost(json.loads((clone / "results" / "av_digits" / name).read_text())) == \
                 _without_cost(reference[name]), name
-        assert model_hashes(yaml.safe_load((clone / "dvc.lock").read_text())["stages"]) == model_hashes(lock)
     finally:
         params_path.write_text(original)
     _run(["dvc", "repro"], clone)

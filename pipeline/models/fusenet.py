@@ -284,6 +284,10 @@ def init_fusenet(model: nn.Module, vgg16_weights: Path | None, init: str) -> nn.
             raise ParamsError(f"fusenet.width: {model.width} with fusenet.vgg16_weights set; VGG16 can only be "
                               "copied at width 1 (set width: 1 or vgg16_weights: none)")
         copy_vgg16(model, load_vgg16_state(Path(vgg16_weights)))
+    if next(model.parameters()).is_meta:
+        # built on the meta device only to list module names (params validation in every stage): there are no
+        # values to draw, and the draws there cost ~2 s a stage
+        return model
     modules = dict(model.named_modules())
     keep = [modules[name] for name in vgg16_conv_mapping(model)] if init == "vgg16" else []
     reinit_like_authors(model, keep)
