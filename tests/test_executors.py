@@ -17,7 +17,7 @@ from pipeline.data.catalog import dataset_spec
 from pipeline.orchestration import parallel
 from pipeline.orchestration.executors import Job, LocalPool, SerialExecutor, WorkerDied, death_reason
 from pipeline.orchestration.progress import EpochProgress, StageProgress
-from pipeline.orchestration.run_cache import RunCache, tree_hash
+from pipeline.orchestration.run_cache import RunCache, RunCacheBusy, tree_hash
 from pipeline.orchestration.runs import LoadedDataset, RunRecord
 from pipeline.orchestration.shipping import SharedObjects, pack, unpack
 from pipeline.orchestration.teachers import train_teachers
@@ -150,6 +150,7 @@ def test_an_interrupted_stage_resumes_with_only_the_unfinished_runs(tmp_path):
     tracker = RecordingTracker()
     with pytest.raises(WorkerDied):
         parallel.run_jobs(jobs, tracker, first, cache=cache)
+    cache.release()                                                   # the attempt ended
     assert first.ran == [0, 1]
     assert [r.name for r in tracker.runs] == ["s/seed0", "s/seed1"]    # finished runs reach MLflow anyway
     for path in outs:                                                 # DVC deletes a stage's outputs
@@ -172,8 +173,43 @@ def test_a_changed_key_discards_the_cached_runs(tmp_path):
     cache = RunCache("s@d", "key1", root=tmp_path)
     parallel.run_jobs([job], RecordingTracker(), SerialExecutor(), cache=cache)
     assert cache.get(job.name, job.outputs) is not None
-    assert RunCache("s@d", "key2", root=tmp_path).get(job.name, job.outputs) is None
+    cache.release()
+    other = RunCache("s@d", "key2", root=tmp_path)
+    assert other.get(job.name, job.outputs) is None
+    other.release()
     assert RunCache("s@d", "key1", root=tmp_path).get(job.name, job.outputs) is None   # discarded for good
+
+
+def test_a_live_attempt_with_another_key_keeps_its_runs_and_one_with_the_same_key_is_refused(tmp_path):
+    """Parallel `dvc exp` workers of one stage with other params never discard each other's runs."""
+    import subprocess
+    import sys
+    import textwrap
+
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+        from pathlib import Path
+        from pipeline.orchestration.run_cache import RunCache
+        cache = RunCache("s@d", "key1", root=Path({str(tmp_path)!r}))
+        print("held", flush=True)
+        time.sleep(60)
+    """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        (tmp_path / "s@d" / "key1" / "marker").write_text("x")
+        other = RunCache("s@d", "key2", root=tmp_path)
+        assert (tmp_path / "s@d" / "key1" / "marker").exists()        # in use: left alone
+        with pytest.raises(RunCacheBusy, match="in use by another attempt of s@d"):
+            RunCache("s@d", "key1", root=tmp_path)
+        other.clear()
+        assert (tmp_path / "s@d" / "key1").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder died: the kernel released its lock, and the next attempt with another key discards its runs
+    RunCache("s@d", "key3", root=tmp_path).release()
+    assert not (tmp_path / "s@d" / "key1").exists()
 
 
 def test_tree_hash_follows_content_and_a_big_file_s_size_and_time(tmp_path):

@@ -62,7 +62,8 @@ def clone(tmp_path_factory) -> Path:
         shutil.copy2(REPO / name, root / name)
     params = shrunk_raw(seeds=SEEDS, epochs=2, batch_size=16)
     params["av_digits"]["samples_per_class"] = 8
-    params["segmentation"]["methods"] = ["kd", "c2kd"]   # the others step in tests/test_segmentation_methods.py
+    # Table 2 through one baseline and MST-Distill; every Table 2 method steps in tests/test_segmentation_methods.py
+    params["segmentation"]["methods"] = ["kd"]
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _run(["git", "init", "-q"], root)
     _run(["git", "add", "-A"], root)
@@ -99,7 +100,7 @@ def test_table2_has_every_segmentation_row_for_both_students_and_metrics(clone):
     assert [r["method"] for r in rows] == [row.label for row in table2_rows()]
     assert [r["row_key"] for r in rows] == ["wo_kd", "kd_mm", "kd_cm", "fitnets_mm", "fitnets_cm", "dml",
                                             "mgdfr_cm", "c2kd_cm", "mst"]
-    ran = {"wo_kd", "kd_mm", "kd_cm", "c2kd_cm", "mst"}       # the tiny profile's segmentation.methods
+    ran = {"wo_kd", "kd_mm", "kd_cm", "mst"}       # the tiny profile's segmentation.methods
     assert all(r["rgbd_digits/rgb/miou/mean"] == "" for r in rows if r["row_key"] not in ran)
     for row in (r for r in rows if r["row_key"] in ran):
         for modality in ("rgb", "depth"):
@@ -320,7 +321,7 @@ def test_a_killed_worker_fails_the_stage_fast_and_the_next_repro_trains_only_the
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 300
-        while not list(cache.glob("*/done")):
+        while not list(cache.glob("*/*/done")):
             assert proc.poll() is None and time.monotonic() < deadline, "the stage ended before a run finished"
             time.sleep(0.05)
         (victim, *_) = _stage_workers("stages.distill")
@@ -334,7 +335,7 @@ def test_a_killed_worker_fails_the_stage_fast_and_the_next_repro_trains_only_the
     assert re.search(rf"error: run distill/kd/\S+/seed\d: its worker process \(pid {victim.pid}\) killed by SIGKILL "
                      r"\(signal 9\)", out), out
     assert "Traceback" not in out
-    finished = len(list(cache.glob("*/done")))
+    finished = len(list(cache.glob("*/*/done")))
     assert 1 <= finished < n
     out = _run(["dvc", "repro"], clone).stdout
     assert f"{stage}: {finished} of {n} runs finished in an interrupted attempt" in out, out

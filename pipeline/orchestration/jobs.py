@@ -4,6 +4,7 @@ the checkpoints of earlier stages (their paths, and a check of every one a stage
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from pipeline.orchestration import parallel
 from pipeline.orchestration.config import Params
 from pipeline.orchestration.executors import Job
 from pipeline.orchestration.progress import StageProgress
-from pipeline.orchestration.run_cache import RunCache, stage_fingerprint
+from pipeline.orchestration.run_cache import RunCache, RunCacheBusy, stage_fingerprint
 from pipeline.orchestration.runs import ROLES, LoadedDataset, network_inputs
 from pipeline.tracking.base import Tracker
 from pipeline.training.checkpoints import load_checkpoint, read_module_state
@@ -51,10 +52,19 @@ def resumable_stage(name: str, params_path: Path, inputs: Sequence[Path], device
     the params file, the code, the input files and the device), and a later attempt takes the finished ones
     back. Leaving the block normally (the stage wrote its outputs) forgets them; an exception keeps them."""
     global _SESSION
-    cache = RunCache(name, stage_fingerprint(Path(params_path).read_text(), inputs, str(device))) if resume else None
+    cache = None
+    if resume:
+        try:
+            cache = RunCache(name, stage_fingerprint(Path(params_path).read_text(), inputs, str(device)))
+        except RunCacheBusy as busy:
+            print(f"{name}: runs are not resumable in this attempt: {busy}", file=sys.stderr)
     _SESSION = StageSession(name, cache)
     try:
         yield _SESSION
+    except BaseException:
+        if cache is not None:
+            cache.release()   # kept for the next attempt
+        raise
     finally:
         _SESSION = None
     if cache is not None:

@@ -1,8 +1,8 @@
 """Run-level resume: the finished runs of a stage attempt that did not complete, kept until the stage completes.
 
 DVC caches whole stages: a stage killed after k of its n runs would train all n again. Each run that finishes
-is therefore written at once under `<root>/.run_cache/<stage id>/` (root: DVC's `DVC_ROOT`, else the current
-directory) with everything the stage needs from it: its result records, the MLflow runs it recorded (replayed
+is therefore written at once under `<root>/.run_cache/<stage id>/<key>/` (root: DVC's `DVC_ROOT`, else the
+current directory) with everything the stage needs from it: its result records, the MLflow runs it recorded (replayed
 again, with their real times, into the next attempt) and copies of the files it wrote (checkpoints; DVC deletes
 a stage's outputs before running it). The next attempt takes those runs from the cache and trains the others.
 
@@ -11,8 +11,8 @@ pipeline/ and stages/), torch's version, the run device, the stage's input files
 name (which holds its seed and configuration). Input files are hashed by content up to `CONTENT_HASH_BYTES`;
 a larger one (prepared video: 13-50 GB, which would take minutes per stage) by its size and modification time,
 which any rewrite changes (a restore from DVC's cache too: that only costs a retraining, never a wrong reuse).
-A stage whose key changed discards the old entries before training; a stage that completed removes its
-entries. Reading an entry parses JSON and copies files: nothing is unpickled.
+A stage discards the folders of other keys that no live attempt holds (see RunCache) before training; a stage
+that completed removes its entries. Reading an entry parses JSON and copies files: nothing is unpickled.
 """
 
 from __future__ import annotations
@@ -106,17 +106,40 @@ class CachedRun:
     seconds: float
 
 
+class RunCacheBusy(Exception):
+    """Another live attempt of the same stage with the same key holds its run cache."""
+
+
 class RunCache:
-    """The finished runs of one stage (`stage_id`, e.g. `distill@av_digits-kd`) under `fingerprint`."""
+    """The finished runs of one stage (`stage_id`, e.g. `distill@av_digits-kd`) under `fingerprint`, in
+    `<root>/<stage id>/<fingerprint>/`. An attempt holds that folder's lock while it runs (released by the kernel
+    if it dies), so concurrent attempts with other keys (`dvc exp run --queue` workers with other params) never
+    touch each other's entries; the folders of other keys that no live attempt holds are discarded."""
 
     def __init__(self, stage_id: str, fingerprint: str, root: Path | None = None) -> None:
-        self.folder = (root or cache_root()) / stage_id.replace("/", "_")
-        self.fingerprint = fingerprint
-        key_file = self.folder / "fingerprint"
-        if self.folder.exists() and (not key_file.exists() or key_file.read_text() != fingerprint):
-            shutil.rmtree(self.folder)          # params, code or data changed: those runs are not these runs
-        self.folder.mkdir(parents=True, exist_ok=True)
-        key_file.write_text(fingerprint)
+        import filelock
+
+        stage_folder = (root or cache_root()) / stage_id.replace("/", "_")
+        stage_folder.mkdir(parents=True, exist_ok=True)
+        key = fingerprint[:32]
+        self.stage_folder, self.folder, self.fingerprint = stage_folder, stage_folder / key, fingerprint
+        self._lock = filelock.FileLock(str(stage_folder / f"{key}.lock"))
+        try:
+            self._lock.acquire(timeout=0)
+        except filelock.Timeout:
+            raise RunCacheBusy(f"{self.folder} is in use by another attempt of {stage_id} with the same "
+                               "params, code and data") from None
+        for other in stage_folder.iterdir():
+            if other.is_dir() and other.name != key:   # params, code or data changed: not these runs
+                lock = filelock.FileLock(str(stage_folder / f"{other.name}.lock"))
+                try:
+                    lock.acquire(timeout=0)
+                except filelock.Timeout:
+                    continue                           # a live attempt with another key
+                shutil.rmtree(other, ignore_errors=True)
+                lock.release()
+                Path(lock.lock_file).unlink(missing_ok=True)
+        self.folder.mkdir(exist_ok=True)
 
     def _entry(self, name: str) -> Path:
         return self.folder / hashlib.sha256(name.encode()).hexdigest()[:24]
@@ -151,5 +174,16 @@ class RunCache:
         tmp.rename(entry)
 
     def clear(self) -> None:
-        """Forget every run of this stage (it completed: DVC holds its outputs now)."""
+        """Forget this attempt's runs (the stage completed: DVC holds its outputs now) and release the folder."""
         shutil.rmtree(self.folder, ignore_errors=True)
+        self.release()
+        try:
+            self.stage_folder.rmdir()        # only when no other key's folder is left
+        except OSError:
+            pass
+
+    def release(self) -> None:
+        """Let another attempt use (or discard) this key's folder."""
+        if self._lock.is_locked:
+            self._lock.release()
+            Path(self._lock.lock_file).unlink(missing_ok=True)
