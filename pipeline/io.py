@@ -1,4 +1,4 @@
-"""Writing outputs safely: atomic JSON, and a check that an output folder is writable before any work."""
+"""Writing outputs safely: atomic JSON, a check that an output folder is writable before any work, and the\nproject root that the pipeline's own state lives in."""
 
 from __future__ import annotations
 
@@ -8,6 +8,12 @@ import tempfile
 from pathlib import Path
 
 from pipeline.errors import UserError
+
+
+def project_root() -> Path:
+    """The folder the pipeline's own state lives in (the MLflow store, the run cache): DVC's root under DVC,
+    else the working directory."""
+    return Path(os.environ.get("DVC_ROOT") or os.getcwd()).resolve()
 
 
 class OutputError(UserError):

@@ -89,6 +89,48 @@ def test_a_worker_that_dies_between_two_runs_fails_the_stage_naming_the_next_run
     assert seen == [0] and time.monotonic() - started < 20
 
 
+_STAGE_WITH_A_SLEEPING_WORKER = """
+import os, sys, time
+from pipeline.orchestration.executors import Job, LocalPool
+
+def sleep(tracker):
+    open(sys.argv[1], "w").write(str(os.getpid()))
+    time.sleep(120)
+
+if __name__ == "__main__":
+    list(LocalPool(1, 1, sys.argv[2]).execute([Job("a/seed0", sleep)], [0]))
+"""
+
+
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_a_killed_stage_takes_its_workers_with_it(tmp_path, start_method):
+    """SIGKILL of the stage's process (which runs no cleanup) still ends its workers at once: they would otherwise
+    train on to the end of their run, holding the CPU, GPU memory and the stage's stdout."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    script, pid_file = tmp_path / "stage.py", tmp_path / "worker.pid"
+    script.write_text(_STAGE_WITH_A_SLEEPING_WORKER)
+    root = str(Path(__file__).resolve().parents[1])
+    stage = subprocess.Popen([sys.executable, str(script), str(pid_file), start_method], cwd=root,
+                             env={**os.environ, "PYTHONPATH": root})
+    try:
+        deadline = time.monotonic() + 60
+        while not (pid_file.exists() and pid_file.read_text()):
+            assert stage.poll() is None and time.monotonic() < deadline, "the worker never started its job"
+            time.sleep(0.05)
+        worker = psutil.Process(int(pid_file.read_text()))
+        stage.kill()
+        stage.wait()
+        worker.wait(timeout=10)   # raises psutil.TimeoutExpired if the worker outlives its stage
+    finally:
+        if stage.poll() is None:
+            stage.kill()
+    assert not psutil.pid_exists(worker.pid) or worker.status() == psutil.STATUS_ZOMBIE
+
+
 def test_spawned_workers_compute_what_the_main_process_computes(tmp_path, monkeypatch):
     params = shrunk_params(seeds=(0, 1), workers=1)
     loaded = _loaded()

@@ -297,14 +297,16 @@ def _without_cost(results: dict) -> list[dict]:
     return [{k: v for k, v in run.items() if k != "cost"} for run in results["runs"]]
 
 
-def _stage_workers(marker: str) -> list:
-    """The worker processes of the running stage whose command line holds `marker` (forked: the same command
-    line as the stage's process, whose children they are)."""
+def _stage_workers(root_pid: int, marker: str) -> list:
+    """The worker processes of the stage under `root_pid` (`dvc repro`) whose command line holds `marker`:
+    forked, they share the stage's command line and are its children. The stage's own parent may hold it too
+    (DVC runs the command through a shell, which need not exec it), so a worker is a child of a *Python*
+    process holding it. Only descendants count: another test file may run the same stage beside this one."""
     import psutil
 
-    procs = [p for p in psutil.process_iter(["cmdline", "ppid"]) if marker in " ".join(p.info["cmdline"] or [])]
-    pids = {p.pid for p in procs}
-    return [p for p in procs if p.info["ppid"] in pids]
+    procs = {p.pid: p for p in psutil.Process(root_pid).children(recursive=True)
+             if marker in " ".join(p.cmdline())}
+    return [p for p in procs.values() if p.ppid() in procs and "python" in procs[p.ppid()].name()]
 
 
 def test_a_killed_worker_fails_the_stage_fast_and_the_next_repro_trains_only_the_rest(clone):
@@ -324,7 +326,7 @@ def test_a_killed_worker_fails_the_stage_fast_and_the_next_repro_trains_only_the
         while not list(cache.glob("*/*/done")):
             assert proc.poll() is None and time.monotonic() < deadline, "the stage ended before a run finished"
             time.sleep(0.05)
-        (victim, *_) = _stage_workers("stages.distill")
+        (victim, *_) = _stage_workers(proc.pid, "stages.distill")
         victim.kill()
         killed = time.monotonic()
         out, _ = proc.communicate(timeout=120)

@@ -15,7 +15,6 @@ from typing import Any
 
 import h5py
 import numpy as np
-import scipy.io
 
 from pipeline.data.chunked import ChunkedArray
 from pipeline.data.validation import DataError
@@ -40,6 +39,8 @@ def write_official_layout(folder: Path, images: np.ndarray, depths: np.ndarray, 
     uint8, depths (N,W,H) float32, labels (N,W,H) uint16 holding labels40 as a stand-in for the 894 raw classes)
     and `folder/labels40.mat` (MATLAB v5, labels40 (H,W,N)) from natural-orientation arrays: images (N,H,W,3)
     uint8, depths (N,H,W) metres, labels40 (N,H,W) integers."""
+    import scipy.io   # imported here: every stage imports this module, few read .mat files
+
     images, depths, labels40 = np.asarray(images), np.asarray(depths), np.asarray(labels40)
     if images.ndim != 4 or images.shape[3] != 3 or images.dtype != np.uint8:
         raise ValueError(f"images: expected (N,H,W,3) uint8, got {images.shape} {images.dtype}")
@@ -184,6 +185,8 @@ def _check_hdf5(handle: h5py.File, path: Path, names: tuple[str, ...]) -> tuple[
 
 def _read_labels40(path: Path, n: int, height: int, width: int) -> np.ndarray:
     """labels40 (H,W,N) of Gupta et al.'s MATLAB v5 file, checked against the labeled file's N, H and W."""
+    import scipy.io   # imported here: every stage imports this module, few read .mat files
+
     if not path.is_file():
         raise DataError(f"{path}: file not found; expected {LAYOUT}")
     if h5py.is_hdf5(path):

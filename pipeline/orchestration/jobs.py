@@ -46,18 +46,17 @@ def stage_id(*parts: str) -> str:
 
 
 @contextmanager
-def resumable_stage(name: str, params_path: Path, inputs: Sequence[Path], device: torch.device,
-                    resume: bool = True) -> Iterator[StageSession]:
+def resumable_stage(name: str, params_path: Path, inputs: Sequence[Path],
+                    device: torch.device) -> Iterator[StageSession]:
     """The stage's runs are resumable inside this block: each finished run is kept in the run cache (keyed by
     the params file, the code, the input files and the device), and a later attempt takes the finished ones
     back. Leaving the block normally (the stage wrote its outputs) forgets them; an exception keeps them."""
     global _SESSION
     cache = None
-    if resume:
-        try:
-            cache = RunCache(name, stage_fingerprint(Path(params_path).read_text(), inputs, str(device)))
-        except RunCacheBusy as busy:
-            print(f"{name}: runs are not resumable in this attempt: {busy}", file=sys.stderr)
+    try:
+        cache = RunCache(name, stage_fingerprint(Path(params_path).read_text(), inputs, str(device)))
+    except RunCacheBusy as busy:
+        print(f"{name}: runs are not resumable in this attempt: {busy}", file=sys.stderr)
     _SESSION = StageSession(name, cache)
     try:
         yield _SESSION

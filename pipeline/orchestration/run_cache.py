@@ -20,23 +20,19 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from pipeline.io import project_root
 from pipeline.orchestration.runs import RunRecord
 from pipeline.tracking.recording import RecordedRun
 
 CACHE_DIR = ".run_cache"
 CONTENT_HASH_BYTES = 256 << 20
 _CODE_DIRS = ("pipeline", "stages")
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("DVC_ROOT") or os.getcwd()).resolve() / CACHE_DIR
 
 
 def _hash_file(digest, path: Path) -> None:
@@ -119,7 +115,7 @@ class RunCache:
     def __init__(self, stage_id: str, fingerprint: str, root: Path | None = None) -> None:
         import filelock
 
-        stage_folder = (root or cache_root()) / stage_id.replace("/", "_")
+        stage_folder = (root or project_root() / CACHE_DIR) / stage_id.replace("/", "_")
         stage_folder.mkdir(parents=True, exist_ok=True)
         key = fingerprint[:32]
         self.stage_folder, self.folder, self.fingerprint = stage_folder, stage_folder / key, fingerprint

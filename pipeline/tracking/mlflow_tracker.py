@@ -37,6 +37,7 @@ from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any
 
+from pipeline.io import project_root
 from pipeline.tracking.recording import RecordedRun, now_ms
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -55,12 +56,8 @@ _BATCH = 1000       # MLflow's limit of metrics per log_batch request
 _PARAM_BATCH = 100  # and of params
 
 
-def store_root() -> Path:
-    return Path(os.environ.get("DVC_ROOT") or os.getcwd()).resolve()
-
-
 def tracking_uri(root: Path | None = None) -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(root or store_root()) / 'mlflow.db'}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(root or project_root()) / 'mlflow.db'}"
 
 
 def _git(*args: str) -> str:
@@ -227,7 +224,7 @@ class MlflowTracker:
         from mlflow.tracking import MlflowClient
 
         warnings.filterwarnings("ignore", message=".*noload.*")  # SQLAlchemy 2.1 deprecation inside MLflow
-        root = store_root()
+        root = project_root()
         self.stage_id = stage_id or os.environ.get("DVC_STAGE") or base_tags.get("pipeline.stage", "")
         self.attempt = uuid.uuid4().hex
         self.identity = {STAGE_ID_TAG: self.stage_id, ATTEMPT_TAG: self.attempt, HOST_TAG: socket.gethostname(),

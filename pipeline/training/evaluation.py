@@ -81,9 +81,10 @@ def evaluate(network: Network, data: DeviceDataset, index: torch.Tensor, num_cla
         y = batch["y"]
         losses = F.cross_entropy(logits, y, reduction="none")   # 0 where y is IGNORE
         sums.append(losses.double().reshape(len(y), -1).sum(dim=1))
-        counts.append((y != IGNORE).reshape(len(y), -1).sum(dim=1))
+        labelled = y != IGNORE
+        counts.append(labelled.reshape(len(y), -1).sum(dim=1))
         pred = logits.argmax(dim=1)
-        counted = y != IGNORE
+        counted = labelled
         if data.ignore_label is not None:
             counted &= pred != data.ignore_label
         confusion += torch.bincount(y[counted] * num_classes + pred[counted], minlength=num_classes**2)
