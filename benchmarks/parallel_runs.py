@@ -65,7 +65,8 @@ def main() -> None:
         local_ray_environment(os.environ)
         import ray
 
-        ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, configure_logging=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False, configure_logging=False,
+                 log_to_driver=False)
     times: dict[str, list[float]] = {mode: [] for mode in modes}
     peaks: dict[str, list[float]] = {mode: [] for mode in modes}
     n_runs = 0

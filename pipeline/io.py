@@ -1,4 +1,5 @@
-"""Writing outputs safely: atomic JSON, a check that an output folder is writable before any work, and the\nproject root that the pipeline's own state lives in."""
+"""Writing outputs safely: atomic JSON, a check that an output folder is writable before any work, and the
+project root that the pipeline's own state lives in."""
 
 from __future__ import annotations
 

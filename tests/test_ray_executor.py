@@ -26,7 +26,8 @@ def local_ray():
     local_ray_environment(os.environ)
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    # a private instance, whatever cluster another test started on this machine
+    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
     # every Ray server of the instance listens on the loopback address only
     assert {node["NodeManagerAddress"] for node in ray.nodes()} == {"127.0.0.1"}
     assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
@@ -65,3 +66,23 @@ def test_a_dead_ray_worker_fails_the_stage_at_once(local_ray):
     with pytest.raises(WorkerDied, match=r"run b/seed1: its Ray worker died"):
         list(executor.execute([Job("b/seed1", suicide)], [0]))
     assert time.monotonic() - started < 60
+
+
+def test_an_unreachable_cluster_is_one_line_naming_the_address_and_the_token(monkeypatch):
+    """No cluster at the address (or one that refuses a client without its token: Ray 2.60's `ray start`
+    enables token authentication) stops the stage with one line, not Ray's traceback."""
+    import ray
+
+    from pipeline.orchestration.executors import RayUnreachable
+
+    def refuse(**kwargs):
+        raise ConnectionError(f"Failed to connect to Ray cluster at {kwargs['address']}")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", refuse)
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    executor = RayExecutor(ExecutorParams(kind="ray"), 1, torch.device("cpu"))
+    with pytest.raises(RayUnreachable, match=r"^executor\.kind ray: 127\.0\.0\.1:1: no Ray cluster answered .*"
+                                             r"RAY_AUTH_MODE=token") as err:
+        executor._connect()
+    assert "\n" not in str(err.value)

@@ -77,6 +77,10 @@ class Outcome:
     cached: bool = False
 
 
+class RayUnreachable(UserError):
+    """The Ray cluster named by `executor.ray_address` or RAY_ADDRESS cannot be reached."""
+
+
 class WorkerDied(UserError):
     """A worker process ended without returning its run (killed by a signal, out of memory)."""
 
@@ -258,9 +262,12 @@ class LocalPool:
 _RAY_HELD: dict[str, Any] = {}
 
 
-def _ray_task(payload: bytes, refs: dict[str, Any], threads: int, device: str):
+def _ray_task(payload: bytes, refs: dict[str, Any], threads: int, device: str, cwd: str):
     import ray
 
+    # a cluster's worker starts where `ray start` ran; the stage's relative paths (checkpoints, outputs) are from
+    # its repository, which every node mounts at the same path
+    os.chdir(cwd)
     torch.set_num_threads(threads)
 
     def resolve(key: str) -> Any:
@@ -303,10 +310,18 @@ class RayExecutor:
         if ray.is_initialized():
             return
         if address is None:
-            ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, configure_logging=False,
+            # "local": a new instance even when a cluster runs on this machine (without it Ray joins the cluster
+            # that `ray start` last started here, and fails on num_cpus)
+            ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False, configure_logging=False,
                      log_to_driver=True)
         else:
-            ray.init(address=address, configure_logging=False, log_to_driver=True)
+            try:
+                ray.init(address=address, configure_logging=False, log_to_driver=True)
+            except ConnectionError as err:
+                raise RayUnreachable(f"executor.kind ray: {address}: no Ray cluster answered ({err}); start one with "
+                                     "`ray start --head`; a cluster it starts (Ray 2.60) wants its token: set "
+                                     "RAY_AUTH_MODE=token, the token being ~/.ray/auth_token of the head node or "
+                                     "RAY_AUTH_TOKEN") from None
 
     def execute(self, jobs: Sequence[Job], indices: Sequence[int]) -> Iterator[Outcome]:
         if not indices:
@@ -321,7 +336,7 @@ class RayExecutor:
         gpus = self.params.ray_gpus_per_run if self.device.type == "cuda" else 0
         task = ray.remote(_ray_task).options(num_cpus=self.params.ray_cpus_per_run, num_gpus=gpus, max_retries=0)
         device = "cuda" if self.device.type == "cuda" else "cpu"   # a task sees only the GPU Ray gave it
-        pending = {task.remote(payload, {k: refs[k] for k in needed}, self.threads, device): i
+        pending = {task.remote(payload, {k: refs[k] for k in needed}, self.threads, device, os.getcwd()): i
                    for i, (payload, needed) in packed.items()}
         try:
             while pending:
