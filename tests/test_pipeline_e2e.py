@@ -18,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -437,9 +438,12 @@ def _ray_cluster():
             if "Ray runtime started" in line:
                 break
         assert head.poll() is None, "".join(lines)
+        # keep reading what the head prints, so that a full pipe never blocks it
+        threading.Thread(target=head.stdout.read, daemon=True).start()
         yield {**env, "RAY_ADDRESS": f"127.0.0.1:{port}", "RAY_AUTH_MODE": "token"}
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGTERM)
         try:
             head.wait(60)
         except subprocess.TimeoutExpired:
