@@ -52,8 +52,9 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _run(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(args, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=900)
+def _run(args: list[str], cwd: Path, check: bool = True, env: dict[str, str] | None = None
+         ) -> subprocess.CompletedProcess:
+    result = subprocess.run(args, cwd=cwd, env=env or _env(), capture_output=True, text=True, timeout=900)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
@@ -266,21 +267,30 @@ def test_bad_data_stops_the_stage_with_the_file_named(clone):
     _run(["dvc", "checkout", "prepare@av_digits"], clone)  # the failed stage removed its outputs: back from the cache
 
 
+@contextlib.contextmanager
+def _kept(path: Path):
+    """`path` as it was before the block (its bytes are yielded), put back after it: a file the block corrupts, or
+    a stage's uncached output that a failing attempt deleted (restoring it is exactly the state before, without
+    training the stage again)."""
+    backup = path.read_bytes()
+    try:
+        yield backup
+    finally:
+        path.write_bytes(backup)
+
+
 def test_corrupt_teacher_checkpoint_fails_before_any_run(clone):
     """A stage validates every checkpoint it will load before training anything, with one line and no
     advice to unpickle."""
     checkpoint = clone / "models" / "av_digits" / "teachers" / "seed1" / "m2.pt"
-    backup = checkpoint.read_bytes()
     _, before = _mlflow_runs(clone)
-    with _kept(clone / "results" / "av_digits" / "kd.json"):   # DVC deletes it before running the stage
-        try:
-            checkpoint.write_bytes(backup[: len(backup) // 2])
-            result = _run(["dvc", "repro", "--single-item", "--force", "distill@av_digits-kd"], clone, check=False)
-            assert result.returncode != 0
-            assert "seed1/m2.pt" in result.stderr and "Traceback" not in result.stderr, result.stderr
-            assert "weights_only=False" not in result.stderr
-        finally:
-            checkpoint.write_bytes(backup)
+    # DVC deletes kd.json before running the stage
+    with _kept(clone / "results" / "av_digits" / "kd.json"), _kept(checkpoint) as backup:
+        checkpoint.write_bytes(backup[: len(backup) // 2])
+        result = _run(["dvc", "repro", "--single-item", "--force", "distill@av_digits-kd"], clone, check=False)
+        assert result.returncode != 0
+        assert "seed1/m2.pt" in result.stderr and "Traceback" not in result.stderr, result.stderr
+        assert "weights_only=False" not in result.stderr
     _, after = _mlflow_runs(clone)
     assert len([r for r in after if r.data.tags.get("run.role") == "training"]) == \
         len([r for r in before if r.data.tags.get("run.role") == "training"])
@@ -289,29 +299,15 @@ def test_corrupt_teacher_checkpoint_fails_before_any_run(clone):
 
 def test_misspelled_param_fails_before_training(clone):
     params_path = clone / "params.yaml"
-    original = params_path.read_text()
-    with _kept(clone / "results" / "av_digits" / "kd.json"):   # DVC deletes it before running the stage
-        try:
-            params_path.write_text(original.replace("temperature:", "temprature:"))
-            result = _run(["dvc", "repro", "--single-item", "distill@av_digits-kd"], clone, check=False)
-            assert result.returncode != 0
-            assert re.search(r"error: params\.yaml: \w+\.temprature: unknown key \(did you mean 'temperature'\?\)",
-                             result.stderr), result.stderr
-            assert "Traceback" not in result.stderr
-        finally:
-            params_path.write_text(original)
+    # DVC deletes kd.json before running the stage
+    with _kept(clone / "results" / "av_digits" / "kd.json"), _kept(params_path) as original:
+        params_path.write_text(original.decode().replace("temperature:", "temprature:"))
+        result = _run(["dvc", "repro", "--single-item", "distill@av_digits-kd"], clone, check=False)
+        assert result.returncode != 0
+        assert re.search(r"error: params\.yaml: \w+\.temprature: unknown key \(did you mean 'temperature'\?\)",
+                         result.stderr), result.stderr
+        assert "Traceback" not in result.stderr
     assert "Running stage" not in _run(["dvc", "repro"], clone).stdout
-
-
-@contextlib.contextmanager
-def _kept(path: Path):
-    """`path` as it was before the block, put back after it (a stage's uncached output that a failing attempt
-    deleted: restoring it is exactly the state before, without training the stage again)."""
-    backup = path.read_bytes()
-    try:
-        yield
-    finally:
-        path.write_bytes(backup)
 
 
 def test_every_other_baseline_stage_reads_only_what_dvc_yaml_lists(clone, tmp_path, monkeypatch):
@@ -333,13 +329,12 @@ def test_every_other_baseline_stage_reads_only_what_dvc_yaml_lists(clone, tmp_pa
     with _kept(clone / "params.yaml"):
         for method in others:
             params["methods"] = [*TINY_METHODS, method]   # its matrix entry exists only for a listed method
-            for path in (clone / "params.yaml", tmp_path / "params.yaml"):
-                path.write_text(yaml.safe_dump(params, sort_keys=False))
+            (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
             monkeypatch.setenv("DVC_STAGE", f"distill@av_digits-{method}")
             results = tmp_path / f"{method}.json"
-            monkeypatch.setattr(sys, "argv", ["distill", "--params", str(tmp_path / "params.yaml"), "--method",
-                                              method, "--dataset", "av_digits", "--prepared", "data/prepared/av_digits",
-                                              "--teachers", "models/av_digits/teachers", "--results", str(results)])
+            monkeypatch.setattr(sys, "argv", ["distill", "--method", method, "--dataset", "av_digits", "--prepared",
+                                              "data/prepared/av_digits", "--teachers", "models/av_digits/teachers",
+                                              "--results", str(results)])
             stages.distill.main()
             runs = json.loads(results.read_text())["runs"]
             configs = real[method].get("teachers") or method_class(method).teacher_configs
@@ -461,30 +456,21 @@ def test_the_ray_executor_gives_the_local_executor_s_results(clone):
     """`executor.kind: ray` under `dvc repro`, on a Ray cluster started with `ray start --head` and reached through
     RAY_ADDRESS (token authentication on, as Ray 2.60 starts clusters; its workers start in another folder, so the
     stage's relative paths must follow): the records equal the local executor's and nothing downstream goes
-    stale; the executor is no stage param, so DVC sees nothing to re-run until forced. A private Ray instance per stage (`ray_address: local`, the default) and a dead Ray worker are
-    in tests/test_ray_executor.py."""
+    stale; the executor is no stage param, so DVC sees nothing to re-run until forced. A private Ray instance per
+    stage (`ray_address: local`, the default) and a dead Ray worker are in tests/test_ray_executor.py."""
     reference = {name: json.loads((clone / "results" / "av_digits" / name).read_text()) for name in RAY_STAGES.values()}
     params_path = clone / "params.yaml"
-    original = params_path.read_text()
-    params = yaml.safe_load(original)
-    params["executor"]["kind"] = "ray"
-    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
-    try:
+    with _kept(params_path) as original:
+        params = yaml.safe_load(original)
+        params["executor"]["kind"] = "ray"
+        params_path.write_text(yaml.safe_dump(params, sort_keys=False))
         with _ray_cluster() as env:
-            def repro(*args):
-                result = subprocess.run(["dvc", "repro", *args], cwd=clone, env=env, capture_output=True, text=True,
-                                        timeout=900)
-                assert result.returncode == 0, result.stdout + result.stderr
-                return result.stdout
-
-            assert "Running stage" not in repro(*RAY_STAGES)
-            out = repro("--force", "--single-item", *RAY_STAGES)
+            assert "Running stage" not in _run(["dvc", "repro", *RAY_STAGES], clone, env=env).stdout
+            out = _run(["dvc", "repro", "--force", "--single-item", *RAY_STAGES], clone, env=env).stdout
         assert out.count("Running stage") == len(RAY_STAGES), out
         for name in RAY_STAGES.values():
             assert _without_cost(json.loads((clone / "results" / "av_digits" / name).read_text())) == \
                 _without_cost(reference[name]), name
-    finally:
-        params_path.write_text(original)
     # nothing downstream is stale but the report (the results files hold each run's cost)
     assert re.findall(r"Running stage '([^']+)'", _run(["dvc", "repro"], clone).stdout) == ["report"]
 
