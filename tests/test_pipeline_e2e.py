@@ -14,6 +14,7 @@ import csv
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -446,31 +447,96 @@ def _ray_cluster():
             head.wait()
 
 
-# MST-Distill's phase 3: the dataset shipped once, phase-1 checkpoints and phase-2 MaskNets read by path in every
-# task, teachers' outputs cached. Each stage is a new Ray job whose worker processes start afresh (~30 s a stage
-# here), so the rest of the tiny pipeline, the same stage scripts, is not run again under Ray
-RAY_STAGES = {"mst_s3@av_digits": "mst.json"}
+# the stage scripts that train (and so hand their runs to the executor); every other stage has no executor
+TRAINING_MODULES = ("stages.teachers", "stages.distill", "stages.mst")
 
 
-def test_the_ray_executor_gives_the_local_executor_s_results(clone):
-    """`executor.kind: ray` under `dvc repro`, on a Ray cluster started with `ray start --head` and reached through
-    RAY_ADDRESS (token authentication on, as Ray 2.60 starts clusters; its workers start in another folder, so the
-    stage's relative paths must follow): the records equal the local executor's and nothing downstream goes
-    stale; the executor is no stage param, so DVC sees nothing to re-run until forced. A private Ray instance per
-    stage (`ray_address: local`, the default) and a dead Ray worker are in tests/test_ray_executor.py."""
-    reference = {name: json.loads((clone / "results" / "av_digits" / name).read_text()) for name in RAY_STAGES.values()}
+def _training_stages(root: Path) -> list[tuple[str, str, list[str]]]:
+    """(stage, module, arguments) of every training stage of the clone's pipeline, read from dvc.lock (the
+    commands DVC ran) in its order, which is the pipeline's: each stage after the ones it reads."""
+    found = []
+    for name, entry in yaml.safe_load((root / "dvc.lock").read_text())["stages"].items():
+        _, _, module, *args = shlex.split(entry["cmd"])
+        if module in TRAINING_MODULES:
+            found.append((name, module, args))
+    return found
+
+
+def _outputs(root: Path, stages: list[str]) -> dict[Path, bytes]:
+    """Every file under the outputs dvc.lock lists for `stages`, with its bytes."""
+    lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    found = {}
+    for stage in stages:
+        for out in lock[stage]["outs"]:
+            path = root / out["path"]
+            for file in ([path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())):
+                found[file] = file.read_bytes()
+    return found
+
+
+def test_the_ray_executor_runs_the_tiny_pipeline_with_the_local_executor_s_results(clone, monkeypatch):
+    """`executor.kind: ray` on a Ray cluster started with `ray start --head` and reached through RAY_ADDRESS
+    (token authentication on, as Ray 2.60 starts clusters; its workers start in another folder, so the stage's
+    relative paths must follow):
+
+    - every training stage of the tiny pipeline (teachers, both baselines, MST-Distill's three phases and its
+      studies, and the segmentation stages), run as DVC runs it (its dvc.lock command, its params restriction)
+      but in this process, with MLflow off: one Ray job for all of them, whose workers stay up from stage to
+      stage (each `dvc repro` stage is a new job whose workers start afresh, ~30 s a stage here). Every record
+      equals the local executor's and every checkpoint, MaskNet and figure is byte-identical (DVC then finds
+      nothing to re-run);
+    - MST-Distill's phase 3 under `dvc repro` itself (the dataset shipped once, phase-1 checkpoints and phase-2
+      MaskNets read by path in every task): its records equal the local executor's and nothing downstream goes
+      stale but the report; the executor is no stage param, so DVC sees nothing to re-run until forced.
+
+    A private Ray instance per stage (`ray_address: local`, the default) and a dead Ray worker are in
+    tests/test_ray_executor.py."""
+    import importlib
+
+    training = _training_stages(clone)
+    assert {module for _, module, _ in training} == set(TRAINING_MODULES)
+    assert len(training) == 14, [name for name, _, _ in training]
+    local = _outputs(clone, [name for name, _, _ in training])
     params_path = clone / "params.yaml"
-    with _kept(params_path) as original:
+    with _kept(params_path) as original, _ray_cluster() as env:
         params = yaml.safe_load(original)
         params["executor"]["kind"] = "ray"
+        params["tracking"]["mlflow"] = False
         params_path.write_text(yaml.safe_dump(params, sort_keys=False))
-        with _ray_cluster() as env:
-            assert "Running stage" not in _run(["dvc", "repro", *RAY_STAGES], clone, env=env).stdout
-            out = _run(["dvc", "repro", "--force", "--single-item", *RAY_STAGES], clone, env=env).stdout
-        assert out.count("Running stage") == len(RAY_STAGES), out
-        for name in RAY_STAGES.values():
-            assert _without_cost(json.loads((clone / "results" / "av_digits" / name).read_text())) == \
-                _without_cost(reference[name]), name
+        monkeypatch.chdir(clone)
+        monkeypatch.setenv("DVC_ROOT", str(clone))
+        for key in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_USAGE_STATS_ENABLED"):
+            monkeypatch.setenv(key, env[key])
+        # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER is left to the executor (a loopback cluster needs it set before Ray is
+        # imported), hence no `import ray` here before the stages ran
+        try:
+            for name, module, args in training:
+                monkeypatch.setenv("DVC_STAGE", name)
+                monkeypatch.setattr(sys, "argv", [module, *args])
+                importlib.import_module(module).main()
+            # the cluster ran them, not a private instance
+            assert sys.modules["ray"].get_runtime_context().gcs_address == env["RAY_ADDRESS"]
+        finally:
+            if "ray" in sys.modules:
+                sys.modules["ray"].shutdown()
+        monkeypatch.delenv("DVC_STAGE")
+        rayed = _outputs(clone, [name for name, _, _ in training])
+        assert sorted(rayed) == sorted(local)
+        for path, before in local.items():
+            if path.suffix == ".json" and path.parent.parent.name == "results":   # each run's cost differs
+                assert _without_cost(json.loads(rayed[path])) == _without_cost(json.loads(before)), path
+                path.write_bytes(before)
+            else:
+                assert rayed[path] == before, path
+        monkeypatch.chdir(REPO)
+
+        ray_stage, results = "mst_s3@av_digits", clone / "results" / "av_digits" / "mst.json"
+        params["tracking"]["mlflow"] = yaml.safe_load(original)["tracking"]["mlflow"]
+        params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+        assert "Running stage" not in _run(["dvc", "repro"], clone, env=env).stdout
+        out = _run(["dvc", "repro", "--force", "--single-item", ray_stage], clone, env=env).stdout
+        assert out.count("Running stage") == 1, out
+        assert _without_cost(json.loads(results.read_text())) == _without_cost(json.loads(local[results]))
     # nothing downstream is stale but the report (the results files hold each run's cost)
     assert re.findall(r"Running stage '([^']+)'", _run(["dvc", "repro"], clone).stdout) == ["report"]
 

@@ -281,13 +281,53 @@ def _ray_task(payload: bytes, refs: dict[str, Any], threads: int, device: str, c
 
 
 def local_ray_environment(environ, private: bool = True) -> None:
-    """Ray settings for this project: no usage statistics sent anywhere, and a private instance whose every
-    server listens on 127.0.0.1. Ray's own switch for a loopback-only node is named for Windows and macOS
-    (`RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` disables multi-node addresses on any OS; without it Ray binds the
-    machine's network address even when `_node_ip_address` is 127.0.0.1). Must run before `import ray`."""
+    """Ray settings for this project: no usage statistics sent anywhere, and, for a private instance or a cluster
+    on this machine's loopback address, every connection on 127.0.0.1. Ray's own switch for a loopback-only node
+    is named for Windows and macOS (`RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` disables multi-node addresses on any
+    OS; without it Ray binds the machine's network address even when `_node_ip_address` is 127.0.0.1, and
+    rewrites a client's 127.0.0.1 address to the machine's, where a loopback-bound cluster does not listen).
+    Must run before `import ray`: Ray reads it once, at import."""
     environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if private:
         environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
+def cluster_endpoint(address: str) -> tuple[str, int] | None:
+    """(host, port) of a Ray cluster address (`host:port`, `ray://host:port`, `[::1]:port`); None for `auto`
+    or anything without a port."""
+    rest = address.split("://", 1)[-1].rstrip("/")
+    host, sep, port = rest.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        return None
+    return host.strip("[]"), int(port)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` is this machine's loopback (`localhost`, 127.0.0.0/8, ::1)."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def probe_cluster(address: str, timeout_s: float = 5.0) -> None:
+    """Open a TCP connection to the cluster's head (`address`'s host and port), raising `RayUnreachable` in one
+    line when nothing listens there: Ray's own client retries an unreachable head for minutes, or forever."""
+    import socket
+
+    endpoint = cluster_endpoint(address)
+    if endpoint is None:
+        return
+    try:
+        socket.create_connection(endpoint, timeout=timeout_s).close()
+    except OSError as err:
+        raise RayUnreachable(f"executor.kind ray: {address}: nothing answers at {endpoint[0]}:{endpoint[1]} "
+                             f"({err.strerror or err}); start a cluster with `ray start --head` or set "
+                             "RAY_ADDRESS to its head's address") from None
 
 
 class RayExecutor:
@@ -304,7 +344,11 @@ class RayExecutor:
     def _connect(self):
         address = os.environ.get("RAY_ADDRESS") or (None if self.params.ray_address == "local"
                                                     else self.params.ray_address)
-        local_ray_environment(os.environ, private=address is None)
+        endpoint = cluster_endpoint(address) if address else None
+        # a cluster on this machine's loopback address is reached as one: Ray would rewrite 127.0.0.1 to the
+        # machine's network address, where it does not listen, and retry forever
+        on_loopback = endpoint is not None and is_loopback(endpoint[0])
+        local_ray_environment(os.environ, private=address is None or on_loopback)
         import ray
 
         if ray.is_initialized():
@@ -315,6 +359,7 @@ class RayExecutor:
             ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False, configure_logging=False,
                      log_to_driver=True)
         else:
+            probe_cluster(address)
             try:
                 ray.init(address=address, configure_logging=False, log_to_driver=True)
             except ConnectionError as err:
@@ -326,10 +371,10 @@ class RayExecutor:
     def execute(self, jobs: Sequence[Job], indices: Sequence[int]) -> Iterator[Outcome]:
         if not indices:
             return
+        self._connect()   # first: it sets what Ray reads when it is imported
         import ray
         from ray import exceptions as ray_errors
 
-        self._connect()
         shared = SharedObjects(self.shared_types)
         packed = {i: pack(jobs[i], shared) for i in indices}
         refs = {key: ray.put(obj.to(torch.device("cpu"))) for key, obj in shared.objects.items()}
