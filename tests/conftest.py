@@ -110,6 +110,15 @@ def tiny_av_digits(tmp_path_factory, tiny_recipe) -> Path:
     return root
 
 
+def free_port() -> int:
+    """A TCP port nothing listens on at 127.0.0.1 (just now)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def synthetic_dataset(n: int = 96, size: int = 16, seed: int = 0, device: str = "cpu"):
     """A learnable two-modality dataset: class-dependent blobs in both modalities, plus noise."""
     from pipeline.data.tensors import DeviceDataset

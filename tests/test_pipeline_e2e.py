@@ -28,7 +28,7 @@ import yaml
 
 from pipeline.methods import all_methods, method_class
 from pipeline.reporting.tables import table1_rows
-from tests.conftest import REPO, shrunk_raw
+from tests.conftest import REPO, free_port, shrunk_raw
 
 SEEDS = [0, 1]
 # Table 1 through two baselines (logits and a feature tap) and MST-Distill; every other baseline's stage runs in
@@ -418,11 +418,7 @@ def test_a_killed_worker_fails_the_stage_fast_and_the_next_repro_trains_only_the
 def _ray_cluster():
     """A Ray cluster started as a user starts one (`ray start --head`), every server on 127.0.0.1, stopped (its
     whole process group) after the block; yields the environment a `dvc repro` needs to use it."""
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     env = {**_env(), "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     head = subprocess.Popen(["ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
                              "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats"], env=env,
@@ -501,6 +497,7 @@ def test_the_ray_executor_runs_the_tiny_pipeline_with_the_local_executor_s_resul
     with _kept(params_path) as original, _ray_cluster() as env:
         params = yaml.safe_load(original)
         params["executor"]["kind"] = "ray"
+        mlflow = params["tracking"]["mlflow"]
         params["tracking"]["mlflow"] = False
         params_path.write_text(yaml.safe_dump(params, sort_keys=False))
         monkeypatch.chdir(clone)
@@ -531,7 +528,7 @@ def test_the_ray_executor_runs_the_tiny_pipeline_with_the_local_executor_s_resul
         monkeypatch.chdir(REPO)
 
         ray_stage, results = "mst_s3@av_digits", clone / "results" / "av_digits" / "mst.json"
-        params["tracking"]["mlflow"] = yaml.safe_load(original)["tracking"]["mlflow"]
+        params["tracking"]["mlflow"] = mlflow
         params_path.write_text(yaml.safe_dump(params, sort_keys=False))
         assert "Running stage" not in _run(["dvc", "repro"], clone, env=env).stdout
         out = _run(["dvc", "repro", "--force", "--single-item", ray_stage], clone, env=env).stdout

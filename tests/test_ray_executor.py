@@ -16,7 +16,7 @@ from pipeline.orchestration.executors import ExecutorParams, Job, RayExecutor, W
 from pipeline.orchestration.runs import LoadedDataset
 from pipeline.orchestration.teachers import train_teachers
 from pipeline.tracking.recording import RecordingTracker
-from tests.conftest import shrunk_params, shrunk_raw, synthetic_dataset, synthetic_split
+from tests.conftest import REPO, free_port, shrunk_params, shrunk_raw, synthetic_dataset, synthetic_split
 
 import torch
 
@@ -78,8 +78,6 @@ def test_a_stage_s_private_instance_listens_on_the_loopback_only():
     import subprocess
     import sys
 
-    from tests.conftest import REPO
-
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     done = subprocess.run([sys.executable, "-c", _FRESH_STAGE], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=180)
@@ -98,14 +96,6 @@ def test_a_dead_ray_worker_fails_the_stage_at_once(local_ray):
     assert time.monotonic() - started < 60
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def test_an_address_where_nothing_listens_is_one_line_at_once(monkeypatch):
     """Ray's client retries an unreachable head for minutes; the stage says so in one line within seconds."""
     import ray
@@ -113,7 +103,7 @@ def test_an_address_where_nothing_listens_is_one_line_at_once(monkeypatch):
     from pipeline.orchestration.executors import RayUnreachable
 
     monkeypatch.setattr(ray, "is_initialized", lambda: False)   # whatever instance an earlier test left up
-    port = _free_port()
+    port = free_port()
     monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
     executor = RayExecutor(ExecutorParams(kind="ray"), 1, torch.device("cpu"))
     started = time.monotonic()
@@ -165,7 +155,7 @@ def test_cluster_addresses_are_parsed_and_loopback_ones_recognised(address, endp
     assert (endpoint is not None and is_loopback(endpoint[0])) == loopback
 
 
-@pytest.mark.parametrize("address, expected", [("127.0.0.1:{port}", "0"), ("192.0.2.7:{port}", None)])
+@pytest.mark.parametrize("address, expected", [("127.0.0.1:6379", "0"), ("192.0.2.7:6379", None)])
 def test_a_cluster_on_the_loopback_is_reached_on_the_loopback(monkeypatch, address, expected):
     """Ray rewrites a client's 127.0.0.1 to the machine's network address unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER
     is 0 (read when Ray is imported), and a cluster started with `--node-ip-address=127.0.0.1` listens only on
@@ -174,7 +164,7 @@ def test_a_cluster_on_the_loopback_is_reached_on_the_loopback(monkeypatch, addre
     import ray
 
     monkeypatch.delenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", raising=False)
-    monkeypatch.setenv("RAY_ADDRESS", address.format(port=_free_port()))
+    monkeypatch.setenv("RAY_ADDRESS", address)
     monkeypatch.setattr(ray, "is_initialized", lambda: True)   # stop before connecting
     RayExecutor(ExecutorParams(kind="ray"), 1, torch.device("cpu"))._connect()
     assert os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == expected
